@@ -1,0 +1,67 @@
+"""Small collaborators shared by the tests: artifact metadata and a scripted fake model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.artifact import ArtifactMetadata, Evaluation, utc_now
+
+
+def make_metadata(
+    version: int = 1, sha256: str = "a" * 64, name: str = "tiny", temperature: float = 1.0
+) -> ArtifactMetadata:
+    return ArtifactMetadata(
+        name=name,
+        version=version,
+        created_at=utc_now(),
+        torch_version=torch.__version__,
+        model_sha256=sha256,
+        parameters=0,
+        architecture={"class": "MeanIntensityNet"},
+        temperature=temperature,
+        evaluation=Evaluation(
+            test_accuracy=0.9975,
+            test_loss=0.01,
+            per_class_accuracy=[0.99] * 10,
+            confusion_matrix=[[0] * 10 for _ in range(10)],
+            val_accuracy=0.998,
+            val_ece_before=0.02,
+            val_ece_after=0.01,
+        ),
+        training={
+            "command": "python -m trainer train",
+            "epochs_run": 1,
+            "seconds": 1.0,
+            "device": "cpu",
+            "config": {"seed": 1},
+        },
+        dataset_sha256={},
+    )
+
+
+class MeanIntensityNet(nn.Module):
+    """A scripted stand-in for the CNN: predicts digit round(9 x mean pixel intensity / 0.9),
+    so a test picks the answer by the brightness of the image it sends."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = x.mean(dim=(1, 2, 3)) * 10.0
+        digits = torch.arange(10, dtype=x.dtype, device=x.device)
+        return -(level.unsqueeze(1) - digits.unsqueeze(0)).abs() * 8.0
+
+
+class ExplodingNet(nn.Module):
+    """Raises on any image whose first pixel is exactly 0.5; otherwise behaves like MeanIntensityNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MeanIntensityNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0, 0, 0] == 0.5).any()):
+            raise RuntimeError("simulated model failure")
+        return self.inner(x)
+
+
+def scripted_mean_net() -> torch.jit.ScriptModule:
+    return torch.jit.script(MeanIntensityNet())

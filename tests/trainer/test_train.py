@@ -1,0 +1,128 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.trainer.idx import checksums, synthetic_mnist_files
+from trainer.__main__ import main
+from trainer.artifact import list_versions, quiet_torchscript
+from trainer.config import TrainConfig
+from trainer.data import Mnist, Split, fetch_mnist, load_mnist
+from trainer.evaluate import fit_temperature, write_report
+from trainer.train import split_train_val, train_and_export
+
+
+class _Files:
+    description = "synthetic"
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+
+    def fetch(self, names: list[str]) -> dict[str, bytes]:
+        return {name: self.files[name] for name in names}
+
+
+@pytest.fixture
+def synthetic_mnist(tmp_path: Path) -> Mnist:
+    files = synthetic_mnist_files(n_train=300, n_test=64)
+    return load_mnist(tmp_path / "data", [_Files(files)], checksums(files))
+
+
+def test_dry_run_produces_a_loadable_torchscript_artifact(tmp_path: Path, synthetic_mnist: Mnist) -> None:
+    cfg = TrainConfig(output_dir=tmp_path / "artifacts", dry_run=True, val_size=100, seed=3)
+    version_dir = train_and_export(cfg, synthetic_mnist, "python -m trainer train --dry-run")
+    assert version_dir == tmp_path / "artifacts" / "mnist-cnn" / "1"
+
+    with quiet_torchscript():
+        scripted = torch.jit.load(str(version_dir / "model.pt"))
+    logits = scripted(torch.rand(5, 1, 28, 28))
+    assert logits.shape == (5, 10)
+    assert logits.dtype == torch.float32
+
+    metadata = json.loads((version_dir / "metadata.json").read_text())
+    assert metadata["name"] == "mnist-cnn"
+    assert metadata["version"] == 1
+    assert metadata["training"]["command"] == "python -m trainer train --dry-run"
+    assert metadata["training"]["config"]["seed"] == 3
+    assert metadata["training"]["epochs_run"] == 1
+    assert len(metadata["history"]) == 1
+    assert set(metadata["dataset_sha256"]) == set(synthetic_mnist.sha256)
+    assert metadata["temperature"] > 0
+    assert len(metadata["evaluation"]["confusion_matrix"]) == 10
+
+    scores = write_report(version_dir, Split(synthetic_mnist.test.images[:512], synthetic_mnist.test.labels[:512]))
+    assert scores.accuracy == pytest.approx(metadata["evaluation"]["test_accuracy"], abs=5e-4)
+    for name in ("report.md", "confusion_matrix.png", "training_curves.png", "misclassified.png"):
+        assert (version_dir / name).stat().st_size > 0
+
+
+def test_same_seed_gives_the_same_weights(tmp_path: Path, synthetic_mnist: Mnist) -> None:
+    outputs = []
+    for run in ("a", "b"):
+        cfg = TrainConfig(output_dir=tmp_path / run, dry_run=True, val_size=100, seed=11, threads=1)
+        version_dir = train_and_export(cfg, synthetic_mnist, "test")
+        with quiet_torchscript():
+            model = torch.jit.load(str(version_dir / "model.pt"))
+        outputs.append(model(torch.linspace(0, 1, 784).reshape(1, 1, 28, 28)))
+    assert torch.allclose(outputs[0], outputs[1])
+
+
+def test_validation_split_is_disjoint_and_seeded() -> None:
+    labels = np.arange(100) % 10
+    split = Split(np.arange(100 * 28 * 28, dtype=np.int64).reshape(100, 28, 28) % 256, labels.astype(np.uint8))
+    train, val = split_train_val(split, 20, seed=5)
+    _train_b, val_b = split_train_val(split, 20, seed=5)
+    assert len(train.labels) == 80
+    assert len(val.labels) == 20
+    assert np.array_equal(val.images, val_b.images)
+    train_keys = {img.tobytes() for img in train.images}
+    assert not any(img.tobytes() in train_keys for img in val.images)
+
+
+def test_temperature_fit_softens_overconfident_logits() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2000,), generator=generator)
+    logits = torch.randn(2000, 10, generator=generator)
+    logits[torch.arange(2000), labels] += 2.0
+    overconfident = logits * 5  # right ~70 % of the time but nearly certain every time
+    assert fit_temperature(overconfident, labels) == pytest.approx(5.0, rel=0.15)
+
+
+def test_cli_help_documents_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--help"])
+    assert excinfo.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("fetch", "train", "evaluate"):
+        assert command in out
+
+
+def test_cli_dry_run_trains_and_reports(
+    tmp_path: Path, synthetic_mnist: Mnist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Route the CLI's loader to the synthetic files; everything else is the real path.
+    import trainer.__main__ as cli
+
+    monkeypatch.setattr(cli, "load_mnist", lambda data_dir: synthetic_mnist)
+    status = main(["train", "--dry-run", "--output-dir", str(tmp_path), "--model-name", "smoke", "--seed", "1"])
+    assert status == 0
+    assert list_versions(tmp_path, "smoke") == [1]
+    assert (tmp_path / "smoke" / "1" / "report.md").exists()
+    assert main(["evaluate", "--output-dir", str(tmp_path), "--model-name", "smoke"]) == 0
+
+
+def test_cli_evaluate_reports_a_missing_model_as_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["evaluate", "--output-dir", str(tmp_path), "--model-name", "absent"]) == 1
+    assert "no versions of model 'absent'" in caplog.text
+
+
+def test_cli_fetch_reports_unreachable_data_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import trainer.__main__ as cli
+
+    monkeypatch.setattr(cli, "fetch_mnist", lambda data_dir: fetch_mnist(data_dir, []))
+    assert main(["fetch", "--data-dir", str(tmp_path)]) == 1
+    assert f"Place these files in {tmp_path}" in caplog.text

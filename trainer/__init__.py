@@ -1,0 +1,1 @@
+"""The trainer job: MNIST in, a verified TorchScript artifact out."""

@@ -1,0 +1,130 @@
+"""Command line of the trainer job: `python -m trainer {fetch,train,evaluate}`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from trainer.artifact import ArtifactError, resolve_version_dir
+from trainer.config import TrainConfig
+from trainer.data import DATA_DIR_ENV, DataError, fetch_mnist, load_mnist
+
+log = logging.getLogger("trainer")
+_DEFAULTS = TrainConfig()
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"MNIST cache directory (default: ${DATA_DIR_ENV}, else ~/.cache/digit-service/mnist)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description=(
+            "Train a CNN on MNIST and publish it as a versioned TorchScript artifact "
+            "(artifacts/<name>/<version>/model.pt + metadata.json), then evaluate it. "
+            "The data set is fetched and verified by SHA-256 on first use."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser("fetch", help="download and verify the four MNIST files into the cache")
+    _add_common(fetch)
+
+    train = commands.add_parser("train", help="train, evaluate and export a new artifact version")
+    _add_common(train)
+    train.add_argument(
+        "--output-dir", type=Path, default=_DEFAULTS.output_dir, help="artifact root (default: %(default)s)"
+    )
+    train.add_argument("--model-name", default=_DEFAULTS.model_name, help="artifact name (default: %(default)s)")
+    train.add_argument(
+        "--members", type=int, default=_DEFAULTS.members, help="networks in the ensemble (default: %(default)s)"
+    )
+    train.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="epochs per network (default: %(default)s)")
+    train.add_argument(
+        "--amp", choices=["auto", "off"], default=_DEFAULTS.amp, help="bf16 autocast where fast (default: %(default)s)"
+    )
+    train.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="(default: %(default)s)")
+    train.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed (default: %(default)s)")
+    train.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default=_DEFAULTS.device, help="(default: %(default)s)"
+    )
+    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    train.add_argument("--dry-run", action="store_true", help="tiny subset and one epoch: a smoke test in seconds")
+    train.add_argument("--no-report", action="store_true", help="skip writing the report next to the artifact")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="verify and load an artifact, measure it on the test set, write its report"
+    )
+    _add_common(evaluate)
+    evaluate.add_argument(
+        "--output-dir", type=Path, default=_DEFAULTS.output_dir, help="artifact root (default: %(default)s)"
+    )
+    evaluate.add_argument("--model-name", default=_DEFAULTS.model_name, help="artifact name (default: %(default)s)")
+    evaluate.add_argument("--version", type=int, default=None, help="artifact version (default: newest)")
+    evaluate.add_argument("--path", type=Path, default=None, help="a version directory, instead of name/version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "fetch":
+            log.info("MNIST verified in %s", fetch_mnist(args.data_dir))
+        elif args.command == "train":
+            from trainer.evaluate import write_report
+            from trainer.train import train_and_export
+
+            cfg = TrainConfig(
+                model_name=args.model_name,
+                output_dir=args.output_dir,
+                data_dir=args.data_dir,
+                seed=args.seed,
+                device=args.device,
+                threads=args.threads,
+                members=args.members,
+                epochs=args.epochs,
+                amp=args.amp,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                dry_run=args.dry_run,
+            )
+            mnist = load_mnist(args.data_dir)
+            command = shlex.join(["python", "-m", "trainer", *(sys.argv[1:] if argv is None else argv)])
+            version_dir = train_and_export(cfg, mnist, command)
+            if not args.no_report:
+                test = mnist.test
+                if cfg.dry_run:
+                    from trainer.train import _subset
+
+                    test = _subset(test, cfg.dry_run_test_size)
+                write_report(version_dir, test)
+            print(version_dir)
+        elif args.command == "evaluate":
+            from trainer.evaluate import write_report
+
+            version_dir = args.path or resolve_version_dir(args.output_dir, args.model_name, args.version)
+            scores = write_report(version_dir, load_mnist(args.data_dir).test)
+            print(f"{version_dir}: test accuracy {100 * scores.accuracy:.2f} %")
+    except (DataError, ArtifactError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
