@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from trainer.artifact import ArtifactError, resolve_version_dir
+from trainer.artifact import ArtifactError, find_valid_version, resolve_version_dir
 from trainer.config import TrainConfig
 from trainer.data import DATA_DIR_ENV, DataError, fetch_mnist, load_mnist
 
@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     train.add_argument("--dry-run", action="store_true", help="tiny subset and one epoch: a smoke test in seconds")
     train.add_argument("--no-report", action="store_true", help="skip writing the report next to the artifact")
+    train.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="exit at once if a valid artifact (metadata and checksum verified) of this name already exists",
+    )
 
     evaluate = commands.add_parser(
         "evaluate", help="verify and load an artifact, measure it on the test set, write its report"
@@ -86,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fetch":
             log.info("MNIST verified in %s", fetch_mnist(args.data_dir))
         elif args.command == "train":
+            if args.skip_existing and (existing := find_valid_version(args.output_dir, args.model_name)):
+                log.info("a valid artifact exists at %s; not training (drop --skip-existing to retrain)", existing)
+                print(existing)
+                return 0
             from trainer.evaluate import write_report
             from trainer.train import train_and_export
 

@@ -155,6 +155,18 @@ def resolve_version_dir(root: Path, name: str, version: int | None = None) -> Pa
     return Path(root) / name / str(chosen)
 
 
+def find_valid_version(root: Path, name: str) -> Path | None:
+    """The newest version whose metadata validates and whose model file matches its checksum."""
+    for version in reversed(list_versions(root, name)):
+        version_dir = Path(root) / name / str(version)
+        try:
+            verify_model_file(version_dir, read_metadata(version_dir))
+        except ArtifactError:
+            continue
+        return version_dir
+    return None
+
+
 # --- writing ---------------------------------------------------------------------------
 
 

@@ -63,6 +63,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
     """A seeded random hold-out from the training images; the test set stays untouched."""
+    if not 0 < val_size < len(train.labels):
+        raise ValueError(f"val_size {val_size} must be between 0 and the {len(train.labels)} training images")
     order = np.random.default_rng(seed).permutation(len(train.labels))
     val_idx, train_idx = order[:val_size], order[val_size:]
     return (
@@ -210,12 +212,12 @@ def train_and_export(cfg: TrainConfig, mnist: Mnist, command: str) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    train_split, val_split = split_train_val(mnist.train, cfg.val_size, cfg.seed)
+    val_size = min(cfg.val_size, cfg.dry_run_val_size) if cfg.dry_run else cfg.val_size
+    train_split, val_split = split_train_val(mnist.train, min(val_size, len(mnist.train.labels) // 2), cfg.seed)
     test_split = mnist.test
     epochs = cfg.epochs
     if cfg.dry_run:
         train_split = _subset(train_split, cfg.dry_run_train_size)
-        val_split = _subset(val_split, cfg.dry_run_val_size)
         test_split = _subset(test_split, cfg.dry_run_test_size)
         epochs = 1
     log.info(

@@ -32,7 +32,10 @@ def test_default_model_checksum_matches_its_metadata(default_model) -> None:
 
 def test_default_model_meets_the_accuracy_target(default_model) -> None:
     _, metadata = default_model
-    assert metadata.evaluation.test_accuracy >= 0.9970
+    confusion = metadata.evaluation.confusion_matrix
+    errors = sum(map(sum, confusion)) - sum(confusion[d][d] for d in range(10))
+    assert sum(map(sum, confusion)) == 10_000
+    assert errors <= 30  # at least 99.70 % on the official test set
 
 
 @pytest.mark.dataset

@@ -47,7 +47,8 @@ def test_dry_run_produces_a_loadable_torchscript_artifact(tmp_path: Path, synthe
     assert metadata["training"]["command"] == "python -m trainer train --dry-run"
     assert metadata["training"]["config"]["seed"] == 3
     assert metadata["training"]["epochs_run"] == 1
-    assert len(metadata["history"]) == 1
+    assert metadata["training"]["members"] == 2
+    assert [(h["member"], h["epoch"]) for h in metadata["history"]] == [(0, 1), (1, 1)]
     assert set(metadata["dataset_sha256"]) == set(synthetic_mnist.sha256)
     assert metadata["temperature"] > 0
     assert len(metadata["evaluation"]["confusion_matrix"]) == 10
@@ -71,7 +72,9 @@ def test_same_seed_gives_the_same_weights(tmp_path: Path, synthetic_mnist: Mnist
 
 def test_validation_split_is_disjoint_and_seeded() -> None:
     labels = np.arange(100) % 10
-    split = Split(np.arange(100 * 28 * 28, dtype=np.int64).reshape(100, 28, 28) % 256, labels.astype(np.uint8))
+    images = np.zeros((100, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(100)  # every image unique
+    split = Split(images, labels.astype(np.uint8))
     train, val = split_train_val(split, 20, seed=5)
     _train_b, val_b = split_train_val(split, 20, seed=5)
     assert len(train.labels) == 80
@@ -86,8 +89,11 @@ def test_temperature_fit_softens_overconfident_logits() -> None:
     labels = torch.randint(0, 10, (2000,), generator=generator)
     logits = torch.randn(2000, 10, generator=generator)
     logits[torch.arange(2000), labels] += 2.0
-    overconfident = logits * 5  # right ~70 % of the time but nearly certain every time
-    assert fit_temperature(overconfident, labels) == pytest.approx(5.0, rel=0.15)
+    overconfident = logits * 5  # same ranking, five times too sure of itself
+    base, fitted = fit_temperature(logits, labels), fit_temperature(overconfident, labels)
+    assert fitted == pytest.approx(5 * base, rel=0.02)
+    nll = torch.nn.functional.cross_entropy
+    assert nll(overconfident / fitted, labels) < nll(overconfident, labels)
 
 
 def test_cli_help_documents_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,3 +132,19 @@ def test_cli_fetch_reports_unreachable_data_clearly(
     monkeypatch.setattr(cli, "fetch_mnist", lambda data_dir: fetch_mnist(data_dir, []))
     assert main(["fetch", "--data-dir", str(tmp_path)]) == 1
     assert f"Place these files in {tmp_path}" in caplog.text
+
+
+def test_skip_existing_exits_at_once_when_a_valid_artifact_exists(
+    tmp_path: Path, synthetic_mnist: Mnist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.__main__ as cli
+
+    monkeypatch.setattr(cli, "load_mnist", lambda data_dir: synthetic_mnist)
+    args = ["train", "--dry-run", "--output-dir", str(tmp_path), "--model-name", "once", "--skip-existing"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert list_versions(tmp_path, "once") == [1]  # the second run trained nothing
+    with (tmp_path / "once" / "1" / "model.pt").open("ab") as f:
+        f.write(b"corrupt")
+    assert main(args) == 0
+    assert list_versions(tmp_path, "once") == [1, 2]  # a broken artifact does not count
