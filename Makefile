@@ -22,3 +22,6 @@ train:
 
 evaluate:
 	.venv/bin/python -m trainer evaluate
+
+bench:
+	.venv/bin/python scripts/bench.py --out bench-results.md

@@ -1,0 +1,1 @@
+"""The digit recognition service: a FastAPI app serving a TorchScript MNIST model with dynamic batching."""

@@ -1,0 +1,45 @@
+"""`python -m service`: run the API with uvicorn. Flags override DIGIT_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.config import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve the digit model over HTTP. Every setting is also read from DIGIT_* environment variables.",
+    )
+    parser.add_argument("--host", help="interface to listen on (default: DIGIT_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (default: DIGIT_PORT or 8000)")
+    args = parser.parse_args(argv)
+    overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)  # noqa: T201 - before logging exists
+        return 2
+
+    from service.app import create_app
+    from service.logging_setup import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=True,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

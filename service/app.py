@@ -1,0 +1,113 @@
+"""The app factory and its lifespan: load, verify and warm the model, run the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
+
+from service.batcher import Batcher
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.predictor import Predictor
+from service.routes import health, metrics, model, predict
+from service.state import ServingState
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+DESCRIPTION = """
+Recognises handwritten digits with a CNN trained on MNIST.
+
+* `POST /v1/predict`: pixel arrays (0..1, white digit on black, 28x28) as JSON.
+* `POST /v1/predict/image`: PNG, JPEG, WebP, BMP or GIF uploads of any size; made MNIST-like first.
+* `GET /v1/model`: what is being served. `GET /healthz`, `GET /readyz`: probes. `GET /metrics`: Prometheus.
+
+Concurrent requests share forward passes (dynamic batching). Every error is JSON:
+`{"error": "<code>", "message": "<what went wrong>"}`.
+"""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    predictor: Predictor | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """Build the app. Tests pass a small `predictor` and a fresh `registry`; otherwise the
+    lifespan loads the artifact that `settings` names."""
+    settings = settings or Settings()
+    state = ServingState(settings=settings, metrics=Metrics(registry))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await _start(state, predictor)
+        try:
+            yield
+        finally:
+            await _stop(state)
+
+    app = FastAPI(
+        title="Digit recognition service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+    install_error_handlers(app)
+    for router in (predict.router, model.router, health.router):
+        app.include_router(router)
+    if settings.metrics_enabled:
+        app.include_router(metrics.router)
+    if STATIC_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    # Added last = outermost: metrics see every response, the 413s of the body limit included.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, state=state)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization"],
+            expose_headers=["X-Model-Version", "X-Batch-Size", "Server-Timing"],
+        )
+    return app
+
+
+async def _start(state: ServingState, predictor: Predictor | None) -> None:
+    settings = state.settings
+    if predictor is None:
+        # Loading and warming take seconds; keep the event loop free meanwhile.
+        predictor = await asyncio.to_thread(Predictor.from_settings, settings)
+    await asyncio.to_thread(predictor.warm_up, settings.max_batch_size)
+    batcher = Batcher(
+        predictor.infer,
+        max_batch_size=settings.max_batch_size,
+        max_batch_wait_s=settings.max_batch_wait_s,
+        queue_limit=settings.queue_limit,
+        observer=state.metrics,
+        on_the_way=state.on_the_way,
+    )
+    await batcher.start()
+    state.predictor, state.batcher = predictor, batcher
+    state.metrics.serving(predictor.name, predictor.version)
+    state.loaded = True
+    log.info("ready: serving %s v%s on %s", predictor.name, predictor.version, predictor.device)
+
+
+async def _stop(state: ServingState) -> None:
+    state.shutting_down = True
+    if state.batcher is not None:
+        await state.batcher.stop(drain_timeout_s=state.settings.request_timeout_s)
+    log.info("stopped")

@@ -1,0 +1,309 @@
+"""Dynamic batching: coalesce concurrent requests' images into one forward pass.
+
+Callers `submit` a tensor of k images and await their k rows of logits. One collector task
+gathers queued images into batches of at most `max_batch_size`, waiting at most
+`max_batch_wait_s` for a batch to fill, and runs the model on one dedicated worker thread
+so the event loop never blocks on torch. A request's images may span several batches and
+share them with other requests. Every request owns its future: a caller that times out or
+is cancelled only withdraws its own images, and a model error fails only that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from service.errors import InferenceTimeout, ModelFailure, Overloaded, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 1, 28, 28] float32 -> [B, 10] logits
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports; the metrics module implements it."""
+
+    def batch_done(self, size: int, inference_s: float) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def queue_depth(self, images: int) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+    def model_error(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    logits: torch.Tensor  # [k, 10], CPU
+    queue_s: float  # longest time one of its images waited for a batch
+    inference_s: float  # forward-pass time of the batches it took part in
+    batch_size: int  # the largest batch it took part in
+
+
+@dataclass(eq=False)
+class _Pending:
+    images: torch.Tensor
+    future: asyncio.Future[BatchResult]
+    enqueued_at: float
+    logits: torch.Tensor = field(init=False)
+    next_index: int = 0  # first image not yet taken into a batch
+    done_images: int = 0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.logits = torch.empty(len(self.images), 10)
+
+    @property
+    def untaken(self) -> int:
+        return len(self.images) - self.next_index
+
+
+@dataclass(frozen=True)
+class _Piece:
+    request: _Pending
+    start: int
+    stop: int
+
+
+class Batcher:
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch_size: int = 64,
+        max_batch_wait_s: float = 0.002,
+        queue_limit: int = 2048,
+        observer: BatchObserver | None = None,
+        on_the_way: Callable[[], int] | None = None,
+    ) -> None:
+        """`on_the_way()` counts requests already received but not yet submitted; when it
+        is zero there is nobody to wait for, so a lone request runs at once."""
+        if max_batch_size < 1 or queue_limit < 1 or max_batch_wait_s < 0:
+            raise ValueError("max_batch_size and queue_limit must be >= 1, max_batch_wait_s >= 0")
+        self._infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_s
+        self.queue_limit = queue_limit
+        self._observer = observer
+        self._on_the_way = on_the_way or (lambda: 1)
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_images = 0
+        self._active_requests = 0  # submitted and not yet finished
+        self._arrived = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._recent_rate = 0.0  # images per second, smoothed; for Retry-After
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued_images
+
+    @property
+    def active_requests(self) -> int:
+        return self._active_requests
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("batcher already started")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task = asyncio.create_task(self._run(), name="batcher")
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new work, finish what is queued (up to the timeout), then shut down."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._arrived.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_queued(ServiceUnavailable("the service is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # --- submitting ----------------------------------------------------------------------
+
+    async def submit(self, images: torch.Tensor, timeout_s: float) -> BatchResult:
+        """Queue `images` [k, 1, 28, 28] and wait for their logits."""
+        if self._stopping or self._task is None or self._task.done():
+            self._report_rejected("unavailable")
+            raise ServiceUnavailable(
+                "the model is not serving right now; try again shortly", headers={"Retry-After": "1"}
+            )
+        count = len(images)
+        if count == 0:
+            raise ValueError("no images to submit")
+        if self._queued_images + count > self.queue_limit:
+            self._report_rejected("queue_full")
+            raise Overloaded(
+                f"server busy: {self._queued_images} images queued (limit {self.queue_limit}); retry later",
+                headers={"Retry-After": str(self._retry_after_s())},
+            )
+        loop = asyncio.get_running_loop()
+        request = _Pending(images=images, future=loop.create_future(), enqueued_at=time.monotonic())
+        self._queue.append(request)
+        self._queued_images += count
+        self._active_requests += 1
+        self._report_depth()
+        self._arrived.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(request.future), timeout_s)
+        except TimeoutError:
+            self._withdraw(request)
+            self._report_rejected("timeout")
+            raise InferenceTimeout(f"no result within {timeout_s:g} s; the server is overloaded") from None
+        except asyncio.CancelledError:
+            self._withdraw(request)  # the client went away; its images leave the queue
+            raise
+        finally:
+            self._active_requests -= 1
+
+    def _withdraw(self, request: _Pending) -> None:
+        if request.untaken:
+            self._queued_images -= request.untaken
+            request.next_index = len(request.images)
+            self._report_depth()
+        if not request.future.done():
+            request.future.cancel()
+
+    # --- the collector -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        just_ran = False
+        while True:
+            if not self._queued_images:
+                if self._stopping:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                just_ran = False
+                continue
+            if not just_ran:  # the model was idle: give concurrent requests a moment to join
+                await self._wait_for_company()
+            pieces = self._take_batch()
+            if not pieces:
+                continue
+            await self._run_batch(loop, pieces)
+            just_ran = True  # whatever queued meanwhile goes next without waiting
+
+    async def _wait_for_company(self) -> None:
+        deadline = time.monotonic() + self.max_batch_wait_s
+        while self._queued_images < self.max_batch_size and not self._stopping:
+            if self._on_the_way() <= 0:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def _take_batch(self) -> list[_Piece]:
+        pieces: list[_Piece] = []
+        room = self.max_batch_size
+        now = time.monotonic()
+        while room and self._queue:
+            request = self._queue[0]
+            if request.untaken == 0 or request.future.done():
+                self._queue.popleft()  # finished, withdrawn or failed
+                continue
+            start = request.next_index
+            stop = start + min(room, request.untaken)
+            pieces.append(_Piece(request, start, stop))
+            request.next_index = stop
+            request.queue_s = max(request.queue_s, now - request.enqueued_at)
+            self._queued_images -= stop - start
+            room -= stop - start
+            if request.untaken == 0:
+                self._queue.popleft()
+        self._report_depth()
+        if self._observer is not None:
+            for piece in pieces:
+                if piece.start == 0:
+                    self._observer.queue_wait(now - piece.request.enqueued_at)
+        return pieces
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, pieces: list[_Piece]) -> None:
+        parts = [piece.request.images[piece.start : piece.stop] for piece in pieces]
+        size = sum(len(part) for part in parts)
+        started = time.monotonic()
+        try:
+            logits = await loop.run_in_executor(self._executor, self._forward, parts)
+            if logits.shape != (size, 10):
+                raise RuntimeError(f"model returned shape {tuple(logits.shape)}, expected ({size}, 10)")
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d images", size)
+            if self._observer is not None:
+                self._observer.model_error()
+            failure = ModelFailure(f"the model failed on this batch: {type(exc).__name__}")
+            for piece in pieces:
+                self._fail(piece.request, failure)
+            return
+        elapsed = time.monotonic() - started
+        self._recent_rate = 0.8 * self._recent_rate + 0.2 * (size / max(elapsed, 1e-6))
+        if self._observer is not None:
+            self._observer.batch_done(size, elapsed)
+        offset = 0
+        for piece in pieces:
+            request, count = piece.request, piece.stop - piece.start
+            request.logits[piece.start : piece.stop] = logits[offset : offset + count]
+            offset += count
+            request.done_images += count
+            request.inference_s += elapsed
+            request.batch_size = max(request.batch_size, size)
+            if request.done_images == len(request.images) and not request.future.done():
+                request.future.set_result(
+                    BatchResult(request.logits, request.queue_s, request.inference_s, request.batch_size)
+                )
+
+    def _forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._infer(batch)
+
+    def _fail(self, request: _Pending, error: Exception) -> None:
+        if request.untaken:
+            self._queued_images -= request.untaken
+            request.next_index = len(request.images)
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _fail_queued(self, error: Exception) -> None:
+        while self._queue:
+            self._fail(self._queue.popleft(), error)
+        self._report_depth()
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def _retry_after_s(self) -> int:
+        if self._recent_rate <= 0:
+            return 1
+        return max(1, math.ceil(self._queued_images / self._recent_rate))
+
+    def _report_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.queue_depth(self._queued_images)
+
+    def _report_rejected(self, reason: str) -> None:
+        if self._observer is not None:
+            self._observer.rejected(reason)

@@ -1,0 +1,71 @@
+"""Service settings: one typed class, read from DIGIT_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "DIGIT_"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Invalid values stop start-up with a message naming them."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=())
+
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    artifact_dir: Path = Field(Path("artifacts"), description="root of artifacts/<model>/<version>/")
+    model_name: str = Field("mnist-cnn", description="which model under artifact_dir to serve")
+    model_version: int | None = Field(None, ge=1, description="version to serve; unset: the newest")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
+    cpu_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads; unset: torch's default")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="most images in one forward pass")
+    max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, in ms")
+    queue_limit: int = Field(2048, ge=1, description="most images waiting; beyond it requests get 429")
+    request_timeout_s: float = Field(10.0, gt=0, le=600, description="longest a request waits for its result")
+    max_instances: int = Field(256, ge=1, le=100_000, description="most images in one JSON request")
+    max_files: int = Field(16, ge=1, le=1000, description="most images in one multipart upload")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body, in bytes")
+    max_image_pixels: int = Field(16_000_000, ge=784, description="largest decoded image (width x height)")
+    max_preprocess_side: int = Field(4096, ge=28, description="largest pixel array side with preprocess=true")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins, comma-separated; empty: CORS closed"
+    )
+    metrics_enabled: bool = Field(True, description="serve Prometheus metrics at /metrics")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="text for people, json for log pipelines")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("log_level", "log_format", "device", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> Settings:
+        largest_request = max(self.max_instances, self.max_files)
+        if self.queue_limit < largest_request:
+            raise ValueError(
+                f"queue_limit ({self.queue_limit}) must be at least max_instances and max_files ({largest_request}), "
+                "or a legal request could never be queued"
+            )
+        return self
+
+    @property
+    def max_batch_wait_s(self) -> float:
+        return self.max_batch_wait_ms / 1000.0
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Field name -> environment variable, for docs and for the deployment files' tests."""
+        return {name: f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields}

@@ -1,0 +1,106 @@
+"""Pure ASGI middleware (no per-request task or body buffering): body-size limit and request metrics."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLarge, error_response
+from service.state import ServingState
+
+UNMEASURED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes stay out of metrics
+PREDICTION_PREFIXES = ("/v1/predict",)
+
+
+class _BodyTooLarge(PayloadTooLarge):
+    """Raised from `receive`; the app's error handler renders it as a 413."""
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over the limit with 413 before they are read into memory: by the
+    Content-Length header when there is one, else as the bytes arrive."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await error_response(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
+                    return
+                if declared > limit:
+                    await self._too_large(scope, receive, send)
+                    return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(f"request body is larger than {limit} bytes")
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not response_started:
+                await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body is larger than {self.max_body_bytes} bytes"
+        await error_response(413, "payload_too_large", message, headers={"Connection": "close"})(scope, receive, send)
+
+
+class RequestMetricsMiddleware:
+    """Count and time requests by route template and status; track prediction requests in flight."""
+
+    def __init__(self, app: ASGIApp, state: ServingState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in UNMEASURED:
+            await self.app(scope, receive, send)
+            return
+        metrics = self.state.metrics
+        is_prediction = path.startswith(PREDICTION_PREFIXES)
+        status = 500
+        started = time.perf_counter()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.in_flight.inc()
+        if is_prediction:
+            self.state.predict_in_flight += 1
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            if is_prediction:
+                self.state.predict_in_flight -= 1
+            metrics.in_flight.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            metrics.requests.labels(route=template, method=scope["method"], status=str(status)).inc()
+            metrics.request_latency.labels(route=template).observe(time.perf_counter() - started)

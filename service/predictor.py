@@ -1,0 +1,81 @@
+"""The model being served: loaded from a verified artifact, placed on a device, warmed up."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from service.config import Settings
+from trainer.artifact import ArtifactMetadata, load_model, resolve_version_dir
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DIGIT_DEVICE=cuda, but no CUDA device is available")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class Predictor:
+    """Runs batches through the model. `infer` is called from the batcher's worker thread only."""
+
+    def __init__(self, model: torch.nn.Module, metadata: ArtifactMetadata, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.metadata = metadata
+        self._cuda = self.device.type == "cuda"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Predictor:
+        """Load and verify the configured artifact. Raises ArtifactError with the file and problem."""
+        if settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
+        device = pick_device(settings.device)
+        version_dir = resolve_version_dir(settings.artifact_dir, settings.model_name, settings.model_version)
+        model, metadata = load_model(version_dir, map_location=device)
+        log.info("loaded %s v%s from %s onto %s", metadata.name, metadata.version, version_dir, device)
+        return cls(model, metadata, device)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> int:
+        return self.metadata.version
+
+    @property
+    def temperature(self) -> float:
+        return self.metadata.temperature
+
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1, 28, 28] float32 in 0..1 on the CPU -> [B, 10] float32 logits on the CPU."""
+        with torch.inference_mode():
+            if self._cuda:
+                batch = images.pin_memory().to(self.device, non_blocking=True)
+                return self.model(batch).float().to("cpu", non_blocking=False)
+            return self.model(images).float()
+
+    def warm_up(self, max_batch_size: int, rounds: int = 3) -> float:
+        """Run every batch size the batcher can produce (powers of two and the max) so the
+        TorchScript executor has specialised them before the first real request."""
+        sizes = sorted(
+            {1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size} | {max_batch_size}
+        )
+        started = time.perf_counter()
+        for size in sizes:
+            batch = torch.zeros(size, 1, 28, 28)
+            for _ in range(rounds):
+                logits = self.infer(batch)
+            if logits.shape != (size, 10):
+                raise RuntimeError(
+                    f"model returned shape {tuple(logits.shape)} for a batch of {size}, expected ({size}, 10)"
+                )
+        seconds = time.perf_counter() - started
+        log.info("warmed up at batch sizes %s in %.2f s", sizes, seconds)
+        return seconds

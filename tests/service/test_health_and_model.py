@@ -1,0 +1,145 @@
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from service.app import create_app
+from service.config import Settings
+from tests.service.conftest import build_client
+from trainer.artifact import ArtifactError, ArtifactMetadata
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_liveness(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_ready_once_the_model_is_loaded(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "model": {"name": "tiny", "version": 1}}
+
+
+def test_not_ready_before_start_up() -> None:
+    client = build_client()  # not entered: the lifespan has not loaded anything
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["status"] == "not ready"
+    assert client.post("/v1/predict", json={"pixels": [0.0] * 784}).status_code == 503
+    assert client.get("/healthz").status_code == 200  # alive all the same
+
+
+def test_not_ready_during_shutdown_or_when_the_batcher_stopped(client: TestClient) -> None:
+    state = client.app.state.serving
+    state.shutting_down = True
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["detail"] == "shutting down"
+    predict = client.post("/v1/predict", json={"pixels": [0.0] * 784})
+    assert predict.status_code == 503
+    assert predict.headers["Retry-After"] == "1"
+    state.shutting_down = False
+    client.portal.call(state.batcher.stop)
+    assert client.get("/readyz").status_code == 503
+
+
+def test_model_metadata(client: TestClient) -> None:
+    response = client.get("/v1/model")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["name"] == "tiny"
+    assert body["version"] == 1
+    assert body["test_accuracy"] == 0.9975
+    assert body["input"]["shape"] == [None, 1, 28, 28]
+    assert body["input"]["polarity"] == "white-on-black"
+    assert body["labels"] == [str(d) for d in range(10)]
+    assert body["device"] == "cpu"
+    assert "created_at" in body
+    assert body["training"]["seed"] == 1
+
+
+def test_unknown_route_is_a_json_404(client: TestClient) -> None:
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
+    wrong_method = client.get("/v1/predict")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"] == "method_not_allowed"
+
+
+def test_openapi_documents_every_route_with_its_errors(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in ("/v1/predict", "/v1/predict/image", "/v1/model", "/healthz", "/readyz", "/metrics"):
+        assert path in paths
+    predict = paths["/v1/predict"]["post"]
+    assert {"400", "413", "422", "429", "500", "503", "504"} <= set(predict["responses"])
+    assert "examples" in predict["requestBody"]["content"]["application/json"]["schema"]
+    image = paths["/v1/predict/image"]["post"]
+    assert {"multipart/form-data", "image/png", "image/jpeg"} <= set(image["requestBody"]["content"])
+    assert "415" in image["responses"]
+    assert client.get("/docs").status_code == 200
+
+
+# --- start-up with real artifacts --------------------------------------------------------
+
+
+def _copy_default_artifact(tmp_path: Path) -> Path:
+    source = REPO / "artifacts" / "mnist-cnn"
+    version = max(int(p.name) for p in source.iterdir() if p.name.isdigit())
+    target = tmp_path / "mnist-cnn" / str(version)
+    shutil.copytree(source / str(version), target)
+    return target
+
+
+def test_start_up_loads_and_verifies_the_committed_artifact(tmp_path: Path) -> None:
+    version_dir = _copy_default_artifact(tmp_path)
+    app = create_app(Settings(artifact_dir=tmp_path, max_batch_size=4), registry=CollectorRegistry())
+    with TestClient(app) as client:
+        ready = client.get("/readyz").json()
+        assert ready["model"] == {"name": "mnist-cnn", "version": int(version_dir.name)}
+
+
+def test_start_up_refuses_a_tampered_model(tmp_path: Path) -> None:
+    version_dir = _copy_default_artifact(tmp_path)
+    with (version_dir / "model.pt").open("ab") as f:
+        f.write(b"tampered")
+    app = create_app(Settings(artifact_dir=tmp_path), registry=CollectorRegistry())
+    with pytest.raises(ArtifactError, match=r"model\.pt: SHA-256 mismatch"), TestClient(app):
+        pass
+
+
+def test_start_up_refuses_metadata_that_breaks_the_schema(tmp_path: Path) -> None:
+    version_dir = _copy_default_artifact(tmp_path)
+    metadata = ArtifactMetadata.model_validate_json((version_dir / "metadata.json").read_text())
+    (version_dir / "metadata.json").write_text(
+        metadata.model_dump_json().replace('"temperature":', '"temperature": -1, "x":')
+    )
+    app = create_app(Settings(artifact_dir=tmp_path), registry=CollectorRegistry())
+    with pytest.raises(ArtifactError, match="does not match the metadata schema"), TestClient(app):
+        pass
+
+
+def test_start_up_names_a_missing_model(tmp_path: Path) -> None:
+    app = create_app(Settings(artifact_dir=tmp_path, model_name="absent"), registry=CollectorRegistry())
+    with pytest.raises(ArtifactError, match="no versions of model 'absent'"), TestClient(app):
+        pass
+
+
+def test_lifespan_state_before_inside_and_after() -> None:
+    client = build_client()
+    state = client.app.state.serving
+    assert not state.ready
+    with client:
+        assert state.ready
+        assert state.batcher.running
+    assert not state.ready
+    assert state.shutting_down
+    assert not state.batcher.running
+    asyncio.run(asyncio.sleep(0))

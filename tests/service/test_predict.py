@@ -1,0 +1,379 @@
+import io
+import json
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from torch import nn
+
+from service.config import Settings
+from tests.helpers import ExplodingNet, MeanIntensityNet
+from tests.service.conftest import build_client
+from tests.service.images import draw_seven, encode, png
+
+
+def flat(value: float) -> list[float]:
+    return [value] * 784
+
+
+def grid(value: float) -> list[list[float]]:
+    return [[value] * 28 for _ in range(28)]
+
+
+# --- POST /v1/predict: success -----------------------------------------------------------
+
+
+def test_one_image_as_nested_rows(client: TestClient) -> None:
+    response = client.post("/v1/predict", json={"pixels": grid(0.3)})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["digit"] == 3
+    assert len(body["probabilities"]) == 10
+    assert math.isclose(sum(body["probabilities"]), 1.0, abs_tol=1e-5)
+    assert body["confidence"] == max(body["probabilities"])
+    assert body["model"] == {"name": "tiny", "version": 1}
+    assert "input" not in body
+    assert "detail" not in body
+
+
+def test_one_image_as_a_flat_list(client: TestClient) -> None:
+    response = client.post("/v1/predict", json={"pixels": flat(0.7)})
+    assert response.status_code == 200
+    assert response.json()["digit"] == 7
+
+
+def test_instances_answer_in_order(client: TestClient) -> None:
+    response = client.post("/v1/predict", json={"instances": [grid(0.1), flat(0.5), grid(0.9)]})
+    assert response.status_code == 200
+    body = response.json()
+    assert [p["digit"] for p in body["predictions"]] == [1, 5, 9]
+    assert body["model"]["version"] == 1
+
+
+def test_response_headers_say_how_it_was_served(client: TestClient) -> None:
+    response = client.post("/v1/predict", json={"pixels": grid(0.2)})
+    assert response.headers["X-Model-Version"] == "1"
+    assert int(response.headers["X-Batch-Size"]) >= 1
+    timing = dict(part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
+    assert set(timing) == {"queue", "preprocess", "inference"}
+    assert all(float(v) >= 0 for v in timing.values())
+
+
+def test_return_input_gives_the_28x28_the_model_saw(client: TestClient) -> None:
+    body = client.post("/v1/predict", json={"pixels": grid(0.4), "return_input": True}).json()
+    assert np.array(body["input"]).shape == (28, 28)
+    assert body["input"][0][0] == pytest.approx(0.4)
+
+
+def test_calibration_temperature_softens_probabilities() -> None:
+    with build_client(temperature=1.0) as sharp, build_client(temperature=3.0) as soft:
+        p_sharp = sharp.post("/v1/predict", json={"pixels": grid(0.33)}).json()["confidence"]
+        p_soft = soft.post("/v1/predict", json={"pixels": grid(0.33)}).json()["confidence"]
+    assert p_soft < p_sharp
+
+
+def test_preprocess_accepts_a_canvas_sized_array_of_either_polarity(client: TestClient) -> None:
+    canvas = np.asarray(draw_seven(), dtype=np.float32) / 255.0  # dark ink on white, 280x280
+    light = client.post("/v1/predict", json={"pixels": canvas.tolist(), "preprocess": True, "return_input": True})
+    dark = client.post("/v1/predict", json={"pixels": (1 - canvas).tolist(), "preprocess": True, "return_input": True})
+    assert light.status_code == dark.status_code == 200
+    seen_light, seen_dark = np.array(light.json()["input"]), np.array(dark.json()["input"])
+    assert seen_light.shape == (28, 28)
+    assert seen_light[0, 0] == 0.0  # background became black
+    assert np.abs(seen_light - seen_dark).max() < 1e-3
+
+
+def test_preprocess_blank_canvas_says_no_digit_found(client: TestClient) -> None:
+    response = client.post("/v1/predict", json={"pixels": [[1.0] * 100] * 100, "preprocess": True})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["digit"] is None
+    assert body["probabilities"] is None
+    assert "no digit found" in body["detail"]
+
+
+# --- POST /v1/predict: failures ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "fragment"),
+    [
+        (b"", 400, "bad_request", "empty"),
+        (b"{not json", 400, "bad_request", "not valid JSON"),
+        (b"[1, 2, 3]", 422, "invalid_input", "Input should be an object"),
+        (b"{}", 422, "invalid_input", "exactly one of"),
+        (json.dumps({"pixels": grid(0.1), "instances": [grid(0.1)]}).encode(), 422, "invalid_input", "exactly one of"),
+        (json.dumps({"pixels": grid(0.1)[:27]}).encode(), 422, "invalid_input", "expected 28x28, got 27x28"),
+        (json.dumps({"pixels": flat(0.1)[:783]}).encode(), 422, "invalid_input", "expected 784 values"),
+        (json.dumps({"pixels": [[0.1] * 28] * 27 + [[0.1] * 27]}).encode(), 422, "invalid_input", "same length"),
+        (json.dumps({"pixels": [[[0.1]]]}).encode(), 422, "invalid_input", "pixels.0.0: Input should be a valid number"),
+        (json.dumps({"pixels": [1.5, *flat(0.1)[1:]]}).encode(), 422, "invalid_input", "less than or equal to 1"),
+        (json.dumps({"pixels": [-0.1, *flat(0.1)[1:]]}).encode(), 422, "invalid_input", "greater than or equal to 0"),
+        (json.dumps({"pixels": ["0.5", *flat(0.1)[1:]]}).encode(), 422, "invalid_input", "valid number"),
+        (json.dumps({"pixels": [True, *flat(0.1)[1:]]}).encode(), 422, "invalid_input", "valid number"),
+        (b'{"pixels": [NaN' + b", 0.1" * 783 + b"]}", 422, "invalid_input", "finite number"),
+        (b'{"pixels": [Infinity' + b", 0.1" * 783 + b"]}", 422, "invalid_input", "finite number"),
+        (b'{"pixels": [1e999' + b", 0.1" * 783 + b"]}", 422, "invalid_input", "pixels.0"),
+        (json.dumps({"pixels": grid(0.1), "colour": "red"}).encode(), 422, "invalid_input", "colour"),
+        (json.dumps({"instances": []}).encode(), 422, "invalid_input", "instances"),
+        (json.dumps({"pixels": None}).encode(), 422, "invalid_input", "exactly one of"),
+    ],
+)
+def test_bad_json_inputs_get_a_4xx_naming_the_problem(
+    client: TestClient, body: bytes, status: int, code: str, fragment: str
+) -> None:
+    response = client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["error"] == code
+    assert fragment in error["message"]
+    # ...and the service keeps serving.
+    assert client.post("/v1/predict", json={"pixels": grid(0.5)}).status_code == 200
+
+
+def test_too_many_instances_is_refused() -> None:
+    with build_client(Settings(max_instances=3, max_batch_wait_ms=1)) as client:
+        response = client.post("/v1/predict", json={"instances": [grid(0.1)] * 4})
+    assert response.status_code == 413
+    assert response.json()["message"] == "too many instances: 4 (limit 3)"
+
+
+def test_oversized_preprocess_array_is_refused() -> None:
+    with build_client(Settings(max_preprocess_side=100, max_batch_wait_ms=1)) as client:
+        response = client.post("/v1/predict", json={"pixels": [[0.0] * 101] * 101, "preprocess": True})
+    assert response.status_code == 413
+    assert "101x101" in response.json()["message"]
+
+
+def test_body_over_the_limit_is_refused_before_reading() -> None:
+    with build_client(Settings(max_body_bytes=4096, max_batch_wait_ms=1)) as client:
+        response = client.post("/v1/predict", json={"pixels": grid(0.123456)})
+        assert response.status_code == 413
+        assert response.json()["error"] == "payload_too_large"
+        chunked = client.post("/v1/predict", content=iter([b'{"pixels": [' + b"0.1," * 2000, b"0.1]}"]))
+        assert chunked.status_code == 413
+
+
+def test_model_failure_is_a_500_naming_it_and_the_service_recovers() -> None:
+    with build_client(model=ExplodingNet()) as client:
+        failed = client.post("/v1/predict", json={"pixels": grid(0.5)})
+        assert failed.status_code == 500
+        assert failed.json()["error"] == "model_error"
+        assert "RuntimeError" in failed.json()["message"]
+        assert "Traceback" not in failed.text
+        assert client.post("/v1/predict", json={"pixels": grid(0.2)}).json()["digit"] == 2
+
+
+class SlowNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MeanIntensityNet()
+
+    def forward(self, x):
+        time.sleep(0.3)
+        return self.inner(x)
+
+
+def test_full_queue_answers_429_with_retry_after() -> None:
+    settings = Settings(queue_limit=1, max_instances=1, max_files=1, max_batch_size=1, max_batch_wait_ms=0)
+    with build_client(settings, model=SlowNet()) as client:
+        statuses: list[int] = []
+        headers: list[dict[str, str]] = []
+
+        def call() -> None:
+            response = client.post("/v1/predict", json={"pixels": grid(0.1)})
+            statuses.append(response.status_code)
+            headers.append(dict(response.headers))
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join()
+    assert 429 in statuses
+    assert 200 in statuses
+    rejected = headers[statuses.index(429)]
+    assert int(rejected["retry-after"]) >= 1
+
+
+def test_request_timeout_answers_504() -> None:
+    settings = Settings(request_timeout_s=0.05, max_batch_wait_ms=0)
+    with build_client(settings, model=SlowNet()) as client:
+        response = client.post("/v1/predict", json={"pixels": grid(0.1)})
+    assert response.status_code == 504
+    assert "no result within 0.05 s" in response.json()["message"]
+
+
+# --- POST /v1/predict/image -------------------------------------------------------------
+
+
+def test_png_upload_as_raw_body(client: TestClient) -> None:
+    response = client.post(
+        "/v1/predict/image?return_input=true", content=png(draw_seven()), headers={"Content-Type": "image/png"}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert isinstance(body["digit"], int)
+    seen = np.array(body["input"])
+    assert seen.shape == (28, 28)
+    assert seen.max() == pytest.approx(1.0)
+    assert seen[0].sum() == 0  # black background, digit inside the field
+
+
+def test_several_files_in_one_multipart_request(client: TestClient) -> None:
+    files = [
+        ("file", ("a.png", png(draw_seven()), "image/png")),
+        ("file", ("b.png", png(draw_seven(ink=255, paper=0)), "image/png")),
+    ]
+    response = client.post("/v1/predict/image", files=files)
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 2
+    assert predictions[0]["digit"] == predictions[1]["digit"]  # polarity does not matter
+
+
+def test_single_multipart_file_answers_like_a_single_image(client: TestClient) -> None:
+    response = client.post("/v1/predict/image", files={"file": ("a.png", png(draw_seven()), "image/png")})
+    assert response.status_code == 200
+    assert "digit" in response.json()
+
+
+def test_blank_image_says_no_digit_found(client: TestClient) -> None:
+    response = client.post(
+        "/v1/predict/image", content=png(Image.new("L", (200, 200), 255)), headers={"Content-Type": "image/png"}
+    )
+    assert response.status_code == 200
+    assert response.json()["digit"] is None
+    assert "no digit found" in response.json()["detail"]
+
+
+def _seen(client: TestClient, data: bytes, content_type: str) -> np.ndarray:
+    response = client.post("/v1/predict/image?return_input=true", content=data, headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    return np.array(response.json()["input"])
+
+
+def test_off_centre_scaled_and_inverted_drawings_look_the_same_to_the_model(client: TestClient) -> None:
+    reference = _seen(client, png(draw_seven()), "image/png")
+    variants = {
+        "off-centre": draw_seven(box=(0.02, 0.05, 0.4, 0.5)),
+        "small": draw_seven(box=(0.6, 0.6, 0.8, 0.85), width_frac=0.025),
+        "inverted": draw_seven(ink=255, paper=0),
+        "grey paper": draw_seven(ink=40, paper=200),
+    }
+    for name, image in variants.items():
+        seen = _seen(client, png(image), "image/png")
+        assert np.abs(seen - reference).mean() < 0.08, name
+        rows, cols = np.nonzero(seen)
+        assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 == 20, name
+        com_y = (seen.sum(axis=1) * np.arange(28)).sum() / seen.sum()
+        com_x = (seen.sum(axis=0) * np.arange(28)).sum() / seen.sum()
+        assert abs(com_y - 14) <= 0.5 and abs(com_x - 14) <= 0.5, name
+
+
+def test_transparent_canvas_with_dark_or_light_ink(client: TestClient) -> None:
+    reference = _seen(client, png(draw_seven()), "image/png")
+    for ink in (0, 255):
+        rgba = draw_seven(ink=ink, paper=0, mode="RGBA")
+        alpha = np.asarray(draw_seven(ink=255, paper=0))  # opaque where the strokes are
+        pixels = np.asarray(rgba).copy()
+        pixels[..., 3] = alpha
+        seen = _seen(client, png(Image.fromarray(pixels, "RGBA")), "image/png")
+        assert np.abs(seen - reference).mean() < 0.05, ink
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content_type", "mode"),
+    [
+        ("JPEG", "image/jpeg", "RGB"),
+        ("WEBP", "image/webp", "RGB"),
+        ("BMP", "image/bmp", "L"),
+        ("GIF", "image/gif", "P"),
+        ("PNG", "image/png", "P"),
+    ],
+)
+def test_common_formats_and_modes(client: TestClient, fmt: str, content_type: str, mode: str) -> None:
+    reference = _seen(client, png(draw_seven()), "image/png")
+    image = draw_seven().convert(mode)
+    seen = _seen(client, encode(image, fmt, **({"quality": 70} if fmt == "JPEG" else {})), content_type)
+    assert np.abs(seen - reference).mean() < 0.05
+
+
+def test_animated_gif_uses_the_first_frame(client: TestClient) -> None:
+    frames = [draw_seven().convert("P"), Image.new("P", (280, 280), 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    response = client.post("/v1/predict/image", content=buffer.getvalue(), headers={"Content-Type": "image/gif"})
+    assert response.status_code == 200
+    assert response.json()["digit"] is not None
+
+
+# --- POST /v1/predict/image: failures ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status", "code", "fragment"),
+    [
+        (b"hello", "text/plain", 415, "unsupported_media_type", "content type text/plain"),
+        (b"hello", "", 415, "unsupported_media_type", "content type none"),
+        (b"not an image at all", "image/png", 415, "unsupported_media_type", "not a recognised image"),
+        (b"", "image/png", 422, "invalid_image", "empty"),
+        (png(draw_seven())[:300], "image/png", 422, "invalid_image", "truncated"),
+        (encode(draw_seven(), "JPEG")[:500], "image/jpeg", 422, "invalid_image", "truncated"),
+        (png(Image.new("L", (5000, 4000))), "image/png", 413, "image_too_large", "5000x4000"),
+    ],
+)
+def test_bad_images_get_a_4xx_naming_the_problem(
+    client: TestClient, data: bytes, content_type: str, status: int, code: str, fragment: str
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/v1/predict/image", content=data, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == code
+    assert fragment in response.json()["message"]
+    assert (
+        client.post("/v1/predict/image", content=png(draw_seven()), headers={"Content-Type": "image/png"}).status_code
+        == 200
+    )
+
+
+def test_decompression_bomb_beyond_pillows_own_limit_is_refused(client: TestClient) -> None:
+    bomb = png(Image.new("1", (20000, 10000)))  # 200 megapixels in a few kB
+    response = client.post("/v1/predict/image", content=bomb, headers={"Content-Type": "image/png"})
+    assert response.status_code == 413
+    assert response.json()["error"] == "image_too_large"
+
+
+def test_image_over_the_byte_limit_is_refused() -> None:
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8))
+    with build_client(Settings(max_body_bytes=8192, max_batch_wait_ms=1)) as client:
+        response = client.post("/v1/predict/image", content=png(noisy), headers={"Content-Type": "image/png"})
+    assert response.status_code == 413
+
+
+def test_too_many_files_is_refused() -> None:
+    with build_client(Settings(max_files=2, max_batch_wait_ms=1)) as client:
+        files = [("file", (f"{i}.png", png(draw_seven()), "image/png")) for i in range(3)]
+        response = client.post("/v1/predict/image", files=files)
+    assert response.status_code == 400
+    assert "Too many files" in response.json()["message"]
+
+
+def test_multipart_without_a_file_field(client: TestClient) -> None:
+    response = client.post(
+        "/v1/predict/image", data={"other": "x"}, files={"picture": ("a.png", png(draw_seven()), "image/png")}
+    )
+    assert response.status_code == 422
+    assert "`file`" in response.json()["message"]
+
+
+def test_bad_file_among_several_is_named_by_position(client: TestClient) -> None:
+    files = [("file", ("a.png", png(draw_seven()), "image/png")), ("file", ("b.png", b"junk", "image/png"))]
+    response = client.post("/v1/predict/image", files=files)
+    assert response.status_code == 415
+    assert response.json()["message"].startswith("file 2:")

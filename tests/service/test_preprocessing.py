@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import NoDigitFound, UnsupportedMediaType
+from service.preprocessing import ImageTooLarge, InvalidImage, image_to_gray, image_to_mnist, open_image, to_mnist
+from tests.service.images import draw_seven, encode, png
+
+
+def centre_of_mass(x: np.ndarray) -> tuple[float, float]:
+    total = x.sum()
+    return float((x.sum(axis=1) * np.arange(28)).sum() / total), float((x.sum(axis=0) * np.arange(28)).sum() / total)
+
+
+def test_output_is_mnist_shaped_white_on_black_with_20px_box_and_centred_mass() -> None:
+    gray = np.asarray(draw_seven(), dtype=np.float32) / 255
+    out = to_mnist(gray)
+    assert out.shape == (28, 28)
+    assert out.dtype == np.float32
+    assert out.max() == pytest.approx(1.0)
+    assert out[0, 0] == 0.0
+    rows, cols = np.nonzero(out)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 == 20
+    com_y, com_x = centre_of_mass(out)
+    assert abs(com_y - 14) <= 0.5
+    assert abs(com_x - 14) <= 0.5
+
+
+def test_aspect_ratio_is_kept() -> None:
+    bar = np.zeros((100, 100), dtype=np.float32)
+    bar[10:90, 45:55] = 1.0  # a "1": 80 tall, 10 wide
+    out = to_mnist(bar)
+    rows, cols = np.nonzero(out > 0.05)
+    assert np.ptp(rows) + 1 == 20
+    assert np.ptp(cols) + 1 <= 4
+
+
+def test_small_mnist_sized_input_is_treated_like_mnist() -> None:
+    digit = np.zeros((28, 28), dtype=np.float32)
+    digit[4:24, 12:16] = 1.0
+    out = to_mnist(digit)
+    assert np.abs(out - digit).max() < 0.3  # already MNIST-like: barely changed
+
+
+@pytest.mark.parametrize(
+    "blank",
+    [
+        np.zeros((50, 50)),
+        np.ones((50, 50)),
+        np.full((50, 50), 0.5),
+        np.random.default_rng(0).uniform(0.45, 0.5, (50, 50)),
+    ],
+)
+def test_blank_or_nearly_uniform_images_have_no_digit(blank: np.ndarray) -> None:
+    with pytest.raises(NoDigitFound):
+        to_mnist(blank.astype(np.float32))
+
+
+def test_fully_transparent_image_is_blank() -> None:
+    with pytest.raises(NoDigitFound):
+        image_to_mnist(open_image(png(Image.new("RGBA", (64, 64), (0, 0, 0, 0))), 10_000))
+
+
+def test_palette_image_with_transparency_is_composited() -> None:
+    image = draw_seven(ink=0, paper=255).convert("P")
+    image.info["transparency"] = 255  # paper index transparent
+    gray = image_to_gray(open_image(png(image), 1_000_000))
+    assert gray.min() == 0.0 and gray.max() == 1.0
+
+
+def test_open_image_refuses_before_decoding() -> None:
+    with pytest.raises(ImageTooLarge, match="300x300 = 90000 pixels; the limit is 10000"):
+        open_image(png(Image.new("L", (300, 300))), 10_000)
+    with pytest.raises(UnsupportedMediaType):
+        open_image(b"GIF89a-but-not-really", 10_000)
+    with pytest.raises(InvalidImage, match="empty"):
+        open_image(b"", 10_000)
+
+
+def test_truncated_image_is_reported_when_decoded() -> None:
+    data = encode(draw_seven(), "PNG")[:400]
+    with pytest.raises(InvalidImage, match="truncated or corrupt"):
+        image_to_mnist(open_image(data, 1_000_000))
