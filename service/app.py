@@ -13,13 +13,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 
+from service import __version__
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.predictor import Predictor
-from service.routes import health, metrics, model, predict
+from service.routes import health, metrics, model, predict, v2
 from service.state import ServingState
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ Recognises handwritten digits with a CNN trained on MNIST.
 * `POST /v1/predict`: pixel arrays (0..1, white digit on black, 28x28) as JSON.
 * `POST /v1/predict/image`: PNG, JPEG, WebP, BMP or GIF uploads of any size; made MNIST-like first.
 * `GET /v1/model`: what is being served. `GET /healthz`, `GET /readyz`: probes. `GET /metrics`: Prometheus.
+* `/v2/...`: the Open Inference Protocol (KServe v2 REST), with the binary tensor data extension.
 
 Concurrent requests share forward passes (dynamic batching). Every error is JSON:
 `{"error": "<code>", "message": "<what went wrong>"}`.
@@ -59,13 +61,13 @@ def create_app(
 
     app = FastAPI(
         title="Digit recognition service",
-        version="0.1.0",
+        version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
     )
     app.state.serving = state
     install_error_handlers(app)
-    for router in (predict.router, model.router, health.router):
+    for router in (predict.router, model.router, health.router, v2.router):
         app.include_router(router)
     if settings.metrics_enabled:
         app.include_router(metrics.router)

@@ -6,7 +6,7 @@ import json
 import logging
 from datetime import UTC, datetime
 
-PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
+PROBE_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 
 class JsonFormatter(logging.Formatter):

@@ -9,8 +9,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import PayloadTooLarge, error_response
 from service.state import ServingState
 
-UNMEASURED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes stay out of metrics
-PREDICTION_PREFIXES = ("/v1/predict",)
+# Probes and scrapes stay out of request metrics.
+UNMEASURED = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+def is_prediction(path: str) -> bool:
+    """Requests that will reach the batcher (the batcher waits for these when they are on their way)."""
+    return path.startswith("/v1/predict") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 class _BodyTooLarge(PayloadTooLarge):
@@ -81,7 +86,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         metrics = self.state.metrics
-        is_prediction = path.startswith(PREDICTION_PREFIXES)
+        prediction = is_prediction(path)
         status = 500
         started = time.perf_counter()
 
@@ -92,12 +97,12 @@ class RequestMetricsMiddleware:
             await send(message)
 
         metrics.in_flight.inc()
-        if is_prediction:
+        if prediction:
             self.state.predict_in_flight += 1
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            if is_prediction:
+            if prediction:
                 self.state.predict_in_flight -= 1
             metrics.in_flight.dec()
             route = scope.get("route")

@@ -200,6 +200,9 @@ def write_artifact(
     model_dir = Path(root) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=model_dir))
+    # mkdtemp makes a private (0700) directory; a published version must be readable by a
+    # service running as another user (a container's non-root user, say).
+    tmp.chmod(0o755)
     try:
         write_model(tmp / MODEL_FILE)
         digest = sha256_file(tmp / MODEL_FILE)

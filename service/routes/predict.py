@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.errors import BadRequest, ErrorBody, InvalidInput, NoDigitFound, PayloadTooLarge, UnsupportedMediaType
+from service.inference import run_inference
 from service.preprocessing import ALLOWED_FORMATS, image_to_mnist, open_image, to_mnist
 from service.schemas import BatchPredictResponse, ModelRef, Prediction, PredictRequest, PredictResponse
 from service.state import ServingState, State
@@ -80,37 +81,38 @@ async def _preprocess(array: np.ndarray) -> np.ndarray:
 async def _predict(
     state: ServingState, images: list[np.ndarray | str], return_input: bool, preprocess_s: float
 ) -> tuple[list[Prediction], dict[str, str]]:
-    """Run the images (str entries: why there is no digit) through the batcher.
+    """Run the images (str entries: why there is no digit) through the shared inference path.
     Returns the predictions and the headers saying how they were served."""
-    predictor, batcher = state.serving()
+    predictor, _ = state.serving()
     arrays = [image for image in images if not isinstance(image, str)]
-    predictions: list[Prediction] = []
-    queue_ms = inference_ms = 0.0
-    batch_size = 0
+    headers = {
+        "X-Model-Version": str(predictor.version),
+        "X-Batch-Size": "0",
+        "Server-Timing": f"queue;dur=0.000, preprocess;dur={1000 * preprocess_s:.3f}, inference;dur=0.000",
+    }
+    rows = iter(())
     if arrays:
-        tensor = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
-        result = await batcher.submit(tensor, state.settings.request_timeout_s)
-        probabilities = torch.softmax(result.logits / predictor.temperature, dim=1)
-        confidences, digits = probabilities.max(dim=1)
-        rows = iter(zip(digits.tolist(), confidences.tolist(), probabilities.tolist(), arrays, strict=True))
-        queue_ms, inference_ms, batch_size = 1000 * result.queue_s, 1000 * result.inference_s, result.batch_size
+        served = await run_inference(state, torch.from_numpy(np.stack(arrays)).unsqueeze(1), preprocess_s)
+        headers = served.headers
+        rows = iter(
+            zip(
+                served.digits.tolist(),
+                served.confidences.tolist(),
+                served.probabilities.tolist(),
+                arrays,
+                strict=True,
+            )
+        )
+    predictions: list[Prediction] = []
     for image in images:
         if isinstance(image, str):
             predictions.append(Prediction(digit=None, confidence=None, probabilities=None, detail=image))
             continue
         digit, confidence, probs, seen = next(rows)
-        state.metrics.predicted(digit, confidence)
         prediction = Prediction(digit=digit, confidence=confidence, probabilities=probs)
         if return_input:
             prediction.input = np.round(seen, 4).tolist()
         predictions.append(prediction)
-    headers = {
-        "X-Model-Version": str(predictor.version),
-        "X-Batch-Size": str(batch_size),
-        "Server-Timing": (
-            f"queue;dur={queue_ms:.3f}, preprocess;dur={1000 * preprocess_s:.3f}, inference;dur={inference_ms:.3f}"
-        ),
-    }
     return predictions, headers
 
 

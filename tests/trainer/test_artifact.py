@@ -24,6 +24,11 @@ def write_model(path: Path) -> None:
     save_torchscript(ExportedModel([DigitNet()]), path, torch.zeros(1, 1, 28, 28))
 
 
+def test_published_versions_are_readable_by_other_users(tmp_path: Path) -> None:
+    version_dir = write_artifact(tmp_path, "tiny", write_model, make_metadata)
+    assert version_dir.stat().st_mode & 0o055 == 0o055  # group and others may list and read it
+
+
 def test_versions_increase_monotonically(tmp_path: Path) -> None:
     first = write_artifact(tmp_path, "tiny", write_model, make_metadata)
     second = write_artifact(tmp_path, "tiny", write_model, make_metadata)

@@ -1,0 +1,45 @@
+"""The one path from images to calibrated predictions, shared by every API (/v1 and /v2):
+batcher, temperature, prediction metrics and the headers saying how a request was served."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from service.predictor import Predictor
+from service.state import ServingState
+
+
+@dataclass(frozen=True)
+class Served:
+    predictor: Predictor
+    logits: torch.Tensor  # [k, 10]
+    probabilities: torch.Tensor  # [k, 10], calibrated with the artifact's temperature
+    digits: torch.Tensor  # [k] int64
+    confidences: torch.Tensor  # [k]
+    headers: dict[str, str]
+
+
+async def run_inference(
+    state: ServingState, images: torch.Tensor, preprocess_s: float = 0.0, timeout_s: float | None = None
+) -> Served:
+    """Queue `images` [k, 1, 28, 28] (0..1) with everyone else's and wait for the result."""
+    predictor, batcher = state.serving()
+    timeout = (
+        state.settings.request_timeout_s if timeout_s is None else min(timeout_s, state.settings.request_timeout_s)
+    )
+    result = await batcher.submit(images, timeout)
+    probabilities = torch.softmax(result.logits / predictor.temperature, dim=1)
+    confidences, digits = probabilities.max(dim=1)
+    for digit, confidence in zip(digits.tolist(), confidences.tolist(), strict=True):
+        state.metrics.predicted(digit, confidence)
+    headers = {
+        "X-Model-Version": str(predictor.version),
+        "X-Batch-Size": str(result.batch_size),
+        "Server-Timing": (
+            f"queue;dur={1000 * result.queue_s:.3f}, preprocess;dur={1000 * preprocess_s:.3f}, "
+            f"inference;dur={1000 * result.inference_s:.3f}"
+        ),
+    }
+    return Served(predictor, result.logits, probabilities, digits, confidences, headers)
