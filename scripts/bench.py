@@ -193,7 +193,11 @@ def main() -> int:
     summary: dict[str, float] = {}
     extra_env = dict(item.split("=", 1) for item in args.server_env)
     modes = (("on (max 64)", 64),) if args.quick else (("on (max 64)", 64), ("off (max 1)", 1))
-    endpoints = (("/v1/predict JSON 28x28", "json"),) if args.quick else (("/v1/predict JSON 28x28", "json"), ("/v1/predict/image PNG 28x28", "png"))
+    endpoints = (
+        (("/v1/predict JSON 28x28", "json"),)
+        if args.quick
+        else (("/v1/predict JSON 28x28", "json"), ("/v1/predict/image PNG 28x28", "png"))
+    )
     for mode, max_batch in modes:
         server = Server(max_batch, extra_env)
         try:

@@ -110,7 +110,12 @@ def test_preprocess_blank_canvas_says_no_digit_found(client: TestClient) -> None
         (json.dumps({"pixels": grid(0.1)[:27]}).encode(), 422, "invalid_input", "expected 28x28, got 27x28"),
         (json.dumps({"pixels": flat(0.1)[:783]}).encode(), 422, "invalid_input", "expected 784 values"),
         (json.dumps({"pixels": [[0.1] * 28] * 27 + [[0.1] * 27]}).encode(), 422, "invalid_input", "same length"),
-        (json.dumps({"pixels": [[[0.1]]]}).encode(), 422, "invalid_input", "pixels.0.0: Input should be a valid number"),
+        (
+            json.dumps({"pixels": [[[0.1]]]}).encode(),
+            422,
+            "invalid_input",
+            "pixels.0.0: Input should be a valid number",
+        ),
         (json.dumps({"pixels": [1.5, *flat(0.1)[1:]]}).encode(), 422, "invalid_input", "less than or equal to 1"),
         (json.dumps({"pixels": [-0.1, *flat(0.1)[1:]]}).encode(), 422, "invalid_input", "greater than or equal to 0"),
         (json.dumps({"pixels": ["0.5", *flat(0.1)[1:]]}).encode(), 422, "invalid_input", "valid number"),
