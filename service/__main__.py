@@ -28,17 +28,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.app import create_app
     from service.logging_setup import configure_logging
+    from service.server import GracefulServer
 
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=True,
+        # In-flight requests get their full timeout to finish once the listener has closed.
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
-    return 0
+    server = GracefulServer(config, app.state.serving, settings.shutdown_delay_s)
+    server.run()
+    return 0 if server.started else 3  # 3: start-up failed (uvicorn's convention); the log says why
 
 
 if __name__ == "__main__":

@@ -159,6 +159,15 @@ class Batcher:
                 f"server busy: {self._queued_images} images queued (limit {self.queue_limit}); retry later",
                 headers={"Retry-After": str(self._retry_after_s())},
             )
+        expected_wait_s = self.expected_wait_s(count)
+        if expected_wait_s > timeout_s:
+            # It would only time out in the queue: say so now, while the client can still retry elsewhere.
+            self._report_rejected("deadline")
+            raise Overloaded(
+                f"server busy: the expected wait ({expected_wait_s:.2f} s) exceeds this request's "
+                f"timeout ({timeout_s:g} s); retry later",
+                headers={"Retry-After": str(self._retry_after_s())},
+            )
         loop = asyncio.get_running_loop()
         request = _Pending(images=images, future=loop.create_future(), enqueued_at=time.monotonic())
         self._queue.append(request)
@@ -177,6 +186,12 @@ class Batcher:
             raise
         finally:
             self._active_requests -= 1
+
+    def expected_wait_s(self, extra_images: int = 0) -> float:
+        """How long new images would wait at the recent throughput; 0 before anything has run."""
+        if self._recent_rate <= 0:
+            return 0.0
+        return (self._queued_images + extra_images) / self._recent_rate
 
     def _withdraw(self, request: _Pending) -> None:
         if request.untaken:
@@ -261,7 +276,8 @@ class Batcher:
                 self._fail(piece.request, failure)
             return
         elapsed = time.monotonic() - started
-        self._recent_rate = 0.8 * self._recent_rate + 0.2 * (size / max(elapsed, 1e-6))
+        rate = size / max(elapsed, 1e-6)
+        self._recent_rate = rate if self._recent_rate <= 0 else 0.8 * self._recent_rate + 0.2 * rate
         if self._observer is not None:
             self._observer.batch_done(size, elapsed)
         offset = 0

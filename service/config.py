@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, in ms")
     queue_limit: int = Field(2048, ge=1, description="most images waiting; beyond it requests get 429")
     request_timeout_s: float = Field(10.0, gt=0, le=600, description="longest a request waits for its result")
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, le=300, description="after SIGTERM, keep answering (readiness 503, new work 503) this long first"
+    )
     max_instances: int = Field(256, ge=1, le=100_000, description="most images in one JSON request")
     max_files: int = Field(16, ge=1, le=1000, description="most images in one multipart upload")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body, in bytes")

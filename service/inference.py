@@ -3,12 +3,30 @@ batcher, temperature, prediction metrics and the headers saying how a request wa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from service.errors import BadRequest
 from service.predictor import Predictor
 from service.state import ServingState
+
+TIMEOUT_HEADER = "X-Request-Timeout"  # seconds the client will wait; can only shorten the server's timeout
+
+
+def client_timeout(headers: Mapping[str, str]) -> float | None:
+    """The client's own deadline from the X-Request-Timeout header, if it sent one."""
+    raw = headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a number of seconds, got {raw[:40]!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw[:40]!r}")
+    return seconds
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ class Metrics:
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "the model being served (value 1)", ["name", "version"], registry=r
         )
-        for reason in ("queue_full", "timeout", "unavailable"):
+        for reason in ("queue_full", "deadline", "timeout", "unavailable"):
             self.rejections.labels(reason=reason)
         for digit in range(10):
             self.predictions.labels(digit=str(digit))

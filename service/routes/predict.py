@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.errors import BadRequest, ErrorBody, InvalidInput, NoDigitFound, PayloadTooLarge, UnsupportedMediaType
-from service.inference import run_inference
+from service.inference import client_timeout, run_inference
 from service.preprocessing import ALLOWED_FORMATS, image_to_mnist, open_image, to_mnist
 from service.schemas import BatchPredictResponse, ModelRef, Prediction, PredictRequest, PredictResponse
 from service.state import ServingState, State
@@ -79,7 +79,11 @@ async def _preprocess(array: np.ndarray) -> np.ndarray:
 
 
 async def _predict(
-    state: ServingState, images: list[np.ndarray | str], return_input: bool, preprocess_s: float
+    state: ServingState,
+    images: list[np.ndarray | str],
+    return_input: bool,
+    preprocess_s: float,
+    timeout_s: float | None,
 ) -> tuple[list[Prediction], dict[str, str]]:
     """Run the images (str entries: why there is no digit) through the shared inference path.
     Returns the predictions and the headers saying how they were served."""
@@ -92,7 +96,8 @@ async def _predict(
     }
     rows = iter(())
     if arrays:
-        served = await run_inference(state, torch.from_numpy(np.stack(arrays)).unsqueeze(1), preprocess_s)
+        tensor = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
+        served = await run_inference(state, tensor, preprocess_s, timeout_s)
         headers = served.headers
         rows = iter(
             zip(
@@ -176,7 +181,10 @@ async def predict_pixels(request: Request, state: State) -> Response:
                 images.append(exc.message)
                 continue
         images.append(array)
-    predictions, headers = await _predict(state, images, payload.return_input, time.perf_counter() - started)
+    preprocess_s = time.perf_counter() - started
+    predictions, headers = await _predict(
+        state, images, payload.return_input, preprocess_s, client_timeout(request.headers)
+    )
     return _render(state, predictions, single, headers)
 
 
@@ -254,5 +262,6 @@ async def predict_image(
             images.append(await run_in_threadpool(_image_to_mnist_or_reason, image))
         else:
             images.append(_image_to_mnist_or_reason(image))
-    predictions, headers = await _predict(state, images, return_input, time.perf_counter() - started)
+    preprocess_s = time.perf_counter() - started
+    predictions, headers = await _predict(state, images, return_input, preprocess_s, client_timeout(request.headers))
     return _render(state, predictions, single, headers)

@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute
 
 from service import __version__
 from service.errors import ServiceError, ServiceUnavailable
-from service.inference import run_inference
+from service.inference import client_timeout, run_inference
 from service.oip import HEADER_LENGTH, InferenceRequest, encode_infer_response, model_metadata, parse_infer_request
 from service.predictor import Predictor
 from service.state import ServingState, State
@@ -95,7 +95,8 @@ async def _ready(state: ServingState, name: str, version: str | None) -> JSONRes
 async def _infer(request: Request, state: ServingState, name: str, version: str | None) -> Response:
     predictor = _model(state, name, version)
     parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH), state.settings.max_instances)
-    served = await run_inference(state, torch.from_numpy(parsed.images), timeout_s=parsed.timeout_s)
+    deadlines = [t for t in (parsed.timeout_s, client_timeout(request.headers)) if t is not None]
+    served = await run_inference(state, torch.from_numpy(parsed.images), timeout_s=min(deadlines, default=None))
     tensors: dict[str, np.ndarray] = {
         "logits": served.logits.numpy(),
         "probabilities": served.probabilities.numpy(),

@@ -240,3 +240,21 @@ async def test_observer_sees_batches_depth_and_waits() -> None:
     assert max(observer.depths) >= 2
     assert observer.depths[-1] == 0
     assert len(observer.waits) == 3
+
+
+async def test_a_request_that_would_miss_its_deadline_is_refused_at_once() -> None:
+    model = RecordingModel(delay_s=0.05)  # 20 images/s at batch 1
+    observer = Observer()
+    batcher = await started(Batcher(model, max_batch_size=1, max_batch_wait_s=0.0, observer=observer))
+    await batcher.submit(images(0.1), 5)  # measures the throughput
+    backlog = [asyncio.create_task(batcher.submit(images(0.2), 5)) for _ in range(6)]
+    await asyncio.sleep(0)
+    assert batcher.expected_wait_s(1) > 0.2
+    started_at = time.monotonic()
+    with pytest.raises(Overloaded, match="expected wait"):
+        await batcher.submit(images(0.3), 0.2)
+    assert time.monotonic() - started_at < 0.05  # refused now, not after 0.2 s in the queue
+    assert observer.rejections == ["deadline"]
+    await asyncio.gather(*backlog)
+    assert digits(await batcher.submit(images(0.4), 0.2)) == [4]  # an empty queue admits it again
+    await batcher.stop()

@@ -382,3 +382,28 @@ def test_bad_file_among_several_is_named_by_position(client: TestClient) -> None
     response = client.post("/v1/predict/image", files=files)
     assert response.status_code == 415
     assert response.json()["message"].startswith("file 2:")
+
+
+def test_client_deadline_header_is_honoured() -> None:
+    with build_client(Settings(max_batch_wait_ms=0, request_timeout_s=10), model=SlowNet()) as client:
+        started = time.monotonic()
+        response = client.post("/v1/predict", json={"pixels": grid(0.1)}, headers={"X-Request-Timeout": "0.05"})
+        assert response.status_code == 504
+        assert time.monotonic() - started < 0.3  # the model takes 0.3 s; the client asked for 0.05
+        assert "0.05 s" in response.json()["message"]
+        v2 = client.post(
+            "/v2/models/mnist-cnn/infer",
+            json={
+                "inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": flat(0.1)}],
+                "parameters": {"timeout": 50_000},
+            },
+        )
+        assert v2.status_code == 504
+        assert set(v2.json()) == {"error"}
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "0", "inf", "nan"])
+def test_invalid_deadline_header_is_a_400(client: TestClient, value: str) -> None:
+    response = client.post("/v1/predict", json={"pixels": grid(0.1)}, headers={"X-Request-Timeout": value})
+    assert response.status_code == 400
+    assert "X-Request-Timeout" in response.json()["message"]
