@@ -103,6 +103,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._running: list[_Piece] = []  # the batch on the worker thread right now
         self._recent_rate = 0.0  # images per second, smoothed; for Retry-After
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -124,6 +125,7 @@ class Batcher:
             raise RuntimeError("batcher already started")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task = asyncio.create_task(self._run(), name="batcher")
+        self._task.add_done_callback(self._collector_done)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new work, finish what is queued (up to the timeout), then shut down."""
@@ -137,9 +139,16 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._fail_queued(ServiceUnavailable("the service is shutting down"))
+        except Exception:  # noqa: BLE001, S110 - the collector died; _collector_done logged it
+            pass
+        shutting_down = ServiceUnavailable("the service is shutting down")
+        for piece in self._running:  # a batch still on the worker thread when the drain ran out
+            self._fail(piece.request, shutting_down)
+        self._running = []
+        self._fail_queued(shutting_down)
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # Don't block the event loop on a forward pass that may still be running.
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- submitting ----------------------------------------------------------------------
 
@@ -192,6 +201,13 @@ class Batcher:
         if self._recent_rate <= 0:
             return 0.0
         return (self._queued_images + extra_images) / self._recent_rate
+
+    def _collector_done(self, task: asyncio.Task[None]) -> None:
+        """If the collector ever dies, fail its callers now rather than at their timeouts."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the batcher's collector died; failing queued requests", exc_info=task.exception())
+        self._fail_queued(ServiceUnavailable("the batcher stopped unexpectedly; try again shortly"))
 
     def _withdraw(self, request: _Pending) -> None:
         if request.untaken:
@@ -263,18 +279,23 @@ class Batcher:
         parts = [piece.request.images[piece.start : piece.stop] for piece in pieces]
         size = sum(len(part) for part in parts)
         started = time.monotonic()
+        self._running = pieces
         try:
             logits = await loop.run_in_executor(self._executor, self._forward, parts)
             if logits.shape != (size, 10):
                 raise RuntimeError(f"model returned shape {tuple(logits.shape)}, expected ({size}, 10)")
         except Exception as exc:
+            self._running = []
             log.exception("inference failed for a batch of %d images", size)
             if self._observer is not None:
                 self._observer.model_error()
             failure = ModelFailure(f"the model failed on this batch: {type(exc).__name__}")
             for piece in pieces:
                 self._fail(piece.request, failure)
+            self._report_depth()  # failed requests' later images left the queue too
             return
+        # (On cancellation by stop(), _running stays set so that stop() can fail those callers.)
+        self._running = []
         elapsed = time.monotonic() - started
         rate = size / max(elapsed, 1e-6)
         self._recent_rate = rate if self._recent_rate <= 0 else 0.8 * self._recent_rate + 0.2 * rate

@@ -8,6 +8,7 @@ ratio, and place it in a 28x28 field with its centre of mass at pixel (14, 14).
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -21,6 +22,8 @@ CENTRE = 14.0  # MNIST's centre of mass (measured: 14.00 +- 0.29, i.e. an intege
 NOISE = 0.1  # ink below this (after background removal) is paper texture or JPEG noise
 MIN_PEAK = 0.2  # nothing darker than this against the background counts as ink
 MIN_INK_PIXELS = 3
+WORKING_SIDE = 1024  # big images are shrunk to about this before any float maths (memory, time)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 ALLOWED_FORMATS = {
     "PNG": "image/png",
@@ -65,16 +68,33 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 def decode_first_frame(image: Image.Image) -> Image.Image:
     try:
         image.seek(0)  # animated images: the first frame only; the others are never decoded
+        if image.format == "JPEG" and max(image.size) > WORKING_SIDE:
+            image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))  # JPEG decodes at reduced scale
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"the image is truncated or corrupt: {exc}") from exc
     return image
 
 
+def _shrink(image: Image.Image) -> Image.Image:
+    """Box-reduce images larger than WORKING_SIDE; the digit ends up 20 px tall anyway."""
+    factor = math.ceil(max(image.size) / WORKING_SIDE)
+    if factor <= 1:
+        return image
+    if image.mode not in ("L", "LA", "RGB", "RGBA", "F"):
+        image = image.convert("F" if image.mode in SIXTEEN_BIT_MODES else "RGBA")
+    return image.reduce(factor)
+
+
 def image_to_gray(image: Image.Image) -> np.ndarray:
     """Grayscale float32 in 0..1 of any mode, transparency composited onto a background
     that contrasts with the ink (so white ink on a transparent canvas survives)."""
+    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit PNGs and friends: convert("L") would clip them to white
+        values = np.asarray(_shrink(image), dtype=np.float32)
+        scale = 65535.0 if values.max() > 255 else 255.0
+        return np.clip(values / scale, 0.0, 1.0)
     transparent = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+    image = _shrink(image)
     if not transparent:
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     la = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32) / 255.0

@@ -9,16 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Strict: JSON numbers only (no "0.5" strings or booleans); finite; MNIST's 0..1 range.
 Intensity = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)]
-# The union sits at the outer level (rows of numbers, or one flat list): validating it is
-# about 40 % faster than a per-element union on large requests.
+# The union sits at the outer level (one flat list, or rows of numbers), tried left to right:
+# about 40 % faster than a per-element union, and a hostile 4-million-number flat list costs
+# 0.2 s instead of 1.3 s (a rows-first or "smart" union builds an error for every element).
 PixelArray = Annotated[
-    list[list[Intensity]] | list[Intensity],
+    list[Intensity] | list[list[Intensity]],
     Field(
         description=(
             "One grayscale image, 0..1 per pixel, white digit on black (the MNIST convention): "
             "28 rows of 28 numbers, or a flat row-major list of 784. With `preprocess: true`, "
             "any size (e.g. 280x280 canvas) and either polarity."
         ),
+        union_mode="left_to_right",
     ),
 ]
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -23,6 +24,8 @@ class ServingState:
     loaded: bool = False  # verified, warmed model in place
     shutting_down: bool = False
     predict_in_flight: int = 0  # prediction requests received and not yet answered
+    # Decoding big images is memory-hungry: at most two at a time, on worker threads.
+    big_image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 
     @property
     def ready(self) -> bool:

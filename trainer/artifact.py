@@ -188,12 +188,14 @@ def write_artifact(
     name: str,
     write_model: Callable[[Path], None],
     build_metadata: Callable[[int, str], ArtifactMetadata],
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
     """Atomically publish a new version of `name` under `root`; returns its directory.
 
     Everything is written into a hidden temporary directory beside the versions, then
     renamed into place, so a reader sees either no new version or a complete one.
-    `write_model(path)` writes model.pt; `build_metadata(version, sha256)` makes metadata.
+    `write_model(path)` writes model.pt; `build_metadata(version, sha256)` makes metadata;
+    `verify(directory)` may check the written files and raise before anything is published.
     """
     if not re.match(_NAME_PATTERN, name):
         raise ArtifactError(f"invalid model name {name!r}")
@@ -205,6 +207,9 @@ def write_artifact(
     tmp.chmod(0o755)
     try:
         write_model(tmp / MODEL_FILE)
+        _fsync_file(tmp / MODEL_FILE)
+        if verify is not None:
+            verify(tmp)
         digest = sha256_file(tmp / MODEL_FILE)
         for _ in range(100):  # another writer may take the version we picked; pick again
             version = (list_versions(root, name) or [0])[-1] + 1
@@ -212,6 +217,7 @@ def write_artifact(
             if metadata.version != version or metadata.model_sha256 != digest:
                 raise ArtifactError("build_metadata must use the version and checksum it is given")
             _write_json_synced(tmp / METADATA_FILE, metadata.model_dump(mode="json"))
+            _fsync_dir(tmp)
             target = model_dir / str(version)
             try:
                 os.rename(tmp, target)  # fails if the target exists and is not empty
@@ -232,6 +238,11 @@ def _write_json_synced(path: Path, payload: dict[str, Any]) -> None:
         json.dump(payload, f, indent=2)
         f.write("\n")
         f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb+") as f:
         os.fsync(f.fileno())
 
 

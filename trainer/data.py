@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +70,7 @@ def _maybe_gunzip(data: bytes) -> bytes:
     if data[:2] == _GZIP_MAGIC:
         try:
             return gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"corrupt gzip data: {exc}") from exc
     return data
 
@@ -215,7 +217,15 @@ def fetch_mnist(
         log.info("fetching %s from %s", ", ".join(missing), source.description)
         try:
             fetched = source.fetch(missing)
-        except (OSError, urllib.error.URLError, subprocess.SubprocessError, DataError) as exc:
+        except (
+            OSError,
+            urllib.error.URLError,
+            http.client.HTTPException,  # e.g. IncompleteRead: a download cut short
+            tarfile.TarError,
+            zlib.error,
+            subprocess.SubprocessError,
+            DataError,
+        ) as exc:
             failures.append(f"{source.description}: {exc}")
             continue
         for name, data in fetched.items():

@@ -17,9 +17,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from trainer.artifact import (
+    ArtifactError,
     ArtifactMetadata,
     EpochRecord,
     Evaluation,
+    quiet_torchscript,
     save_torchscript,
     utc_now,
     write_artifact,
@@ -254,7 +256,8 @@ def train_and_export(cfg: TrainConfig, mnist: Mnist, command: str) -> Path:
     temperature = fit_temperature(val_logits, val_y)
     val_scores = score(val_logits, val_y)
     test_logits = predict_logits(best_model, images_to_tensor(test_split.images), cfg.eval_batch_size)
-    test_scores = score(test_logits, torch.from_numpy(test_split.labels.astype(np.int64)))
+    test_labels = torch.from_numpy(test_split.labels.astype(np.int64))
+    test_scores = score(test_logits, test_labels)
     log.info("test accuracy %.2f%%, temperature %.3f", 100 * test_scores.accuracy, temperature)
 
     seconds = time.perf_counter() - started
@@ -301,8 +304,24 @@ def train_and_export(cfg: TrainConfig, mnist: Mnist, command: str) -> Path:
         )
 
     example = torch.zeros(1, 1, 28, 28)
+
+    def verify_export(directory: Path) -> None:
+        """The exported file must reproduce the trained model's test logits before it is published."""
+        with quiet_torchscript():
+            exported = torch.jit.load(str(directory / "model.pt"))
+        reloaded = predict_logits(exported, images_to_tensor(test_split.images), cfg.eval_batch_size)
+        if (
+            not torch.allclose(reloaded, test_logits, atol=1e-3)
+            or score(reloaded, test_labels).accuracy != test_scores.accuracy
+        ):
+            raise ArtifactError("the exported TorchScript model does not reproduce the trained model's test results")
+
     version_dir = write_artifact(
-        cfg.output_dir, cfg.model_name, lambda path: save_torchscript(best_model, path, example), build_metadata
+        cfg.output_dir,
+        cfg.model_name,
+        lambda path: save_torchscript(best_model, path, example),
+        build_metadata,
+        verify=verify_export,
     )
     log.info("artifact written to %s (%.1f min)", version_dir, seconds / 60)
     return version_dir

@@ -14,7 +14,9 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
+from service.config import Settings
 from service.errors import BadRequest, ErrorBody, InvalidInput, NoDigitFound, PayloadTooLarge, UnsupportedMediaType
 from service.inference import client_timeout, run_inference
 from service.preprocessing import ALLOWED_FORMATS, image_to_mnist, open_image, to_mnist
@@ -23,7 +25,8 @@ from service.state import ServingState, State
 
 router = APIRouter(prefix="/v1", tags=["prediction"])
 
-INLINE_PIXELS = 512 * 512  # larger inputs are preprocessed on a worker thread, off the event loop
+INLINE_PIXELS = 512 * 512  # larger images are preprocessed on a worker thread, off the event loop
+INLINE_BODY_BYTES = 256 * 1024  # larger JSON bodies are validated on a worker thread
 IMAGE_TYPES = sorted(set(ALLOWED_FORMATS.values()))
 
 _COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -70,12 +73,6 @@ def _validation_message(exc: ValidationError) -> tuple[str, list[dict[str, Any]]
     first = details[0]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{first['field']}: {first['problem']}{more}", details
-
-
-async def _preprocess(array: np.ndarray) -> np.ndarray:
-    if array.size > INLINE_PIXELS:
-        return await run_in_threadpool(to_mnist, array)
-    return to_mnist(array)
 
 
 async def _predict(
@@ -154,10 +151,23 @@ async def predict_pixels(request: Request, state: State) -> Response:
     polarity is accepted and centred and scaled like MNIST first. One image answers
     `{"digit", "confidence", "probabilities", "model"}`; instances answer `{"predictions": [...], "model"}`.
     Headers: `X-Model-Version`, `X-Batch-Size`, `Server-Timing` (queue, preprocess, inference in ms)."""
-    settings = state.settings
+    state.serving()  # fail fast, before decoding a large body, when not ready
     body = await request.body()
     if not body.strip():
         raise BadRequest("request body is empty; send a JSON object")
+    started = time.perf_counter()
+    if len(body) > INLINE_BODY_BYTES:  # big bodies are decoded off the event loop
+        payload, images = await run_in_threadpool(_decode_pixels, body, state.settings)
+    else:
+        payload, images = _decode_pixels(body, state.settings)
+    preprocess_s = time.perf_counter() - started
+    timeout_s = client_timeout(request.headers)
+    predictions, headers = await _predict(state, images, payload.return_input, preprocess_s, timeout_s)
+    return _render(state, predictions, payload.pixels is not None, headers)
+
+
+def _decode_pixels(body: bytes, settings: Settings) -> tuple[PredictRequest, list[np.ndarray | str]]:
+    """Validate a /v1/predict body and turn it into 28x28 images (str: why there is no digit)."""
     try:
         payload = PredictRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -165,7 +175,6 @@ async def predict_pixels(request: Request, state: State) -> Response:
             raise BadRequest("request body is not valid JSON") from None
         message, details = _validation_message(exc)
         raise InvalidInput(message, details=details) from None
-    started = time.perf_counter()
     single = payload.pixels is not None
     raw = [payload.pixels] if payload.pixels is not None else payload.instances or []
     if len(raw) > settings.max_instances:
@@ -176,23 +185,25 @@ async def predict_pixels(request: Request, state: State) -> Response:
         array = _as_array(pixels, payload.preprocess, settings.max_preprocess_side, where)
         if payload.preprocess:
             try:
-                array = await _preprocess(array)
+                array = to_mnist(array)
             except NoDigitFound as exc:
                 images.append(exc.message)
                 continue
         images.append(array)
-    preprocess_s = time.perf_counter() - started
-    predictions, headers = await _predict(
-        state, images, payload.return_input, preprocess_s, client_timeout(request.headers)
-    )
-    return _render(state, predictions, single, headers)
+    return payload, images
 
 
 async def _read_images(request: Request, state: ServingState) -> tuple[list[bytes], bool]:
     """The uploaded images' bytes, and whether the request was a single raw image."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=state.settings.max_files, max_fields=state.settings.max_files)
+        limit = state.settings.max_files
+        try:
+            form = await request.form(max_files=limit, max_fields=limit)
+        except HTTPException as exc:  # Starlette's multipart parser refuses with 400
+            if "Too many files" in str(exc.detail):
+                raise PayloadTooLarge(f"too many files: the limit is {limit} per request") from None
+            raise BadRequest(f"malformed multipart body: {exc.detail}") from None
         try:
             uploads = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
             if not uploads:
@@ -259,7 +270,8 @@ async def predict_image(
                 exc.message = f"file {index + 1}: {exc.message}"
             raise
         if image.width * image.height > INLINE_PIXELS:
-            images.append(await run_in_threadpool(_image_to_mnist_or_reason, image))
+            async with state.big_image_slots:
+                images.append(await run_in_threadpool(_image_to_mnist_or_reason, image))
         else:
             images.append(_image_to_mnist_or_reason(image))
     preprocess_s = time.perf_counter() - started

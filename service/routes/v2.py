@@ -10,6 +10,7 @@ import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.errors import ServiceError, ServiceUnavailable
@@ -94,7 +95,14 @@ async def _ready(state: ServingState, name: str, version: str | None) -> JSONRes
 
 async def _infer(request: Request, state: ServingState, name: str, version: str | None) -> Response:
     predictor = _model(state, name, version)
-    parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH), state.settings.max_instances)
+    body = await request.body()
+    parse_args = (body, request.headers.get(HEADER_LENGTH), state.settings.max_instances)
+    # Big bodies are decoded off the event loop, so one large request does not stall the others.
+    parsed = (
+        await run_in_threadpool(parse_infer_request, *parse_args)
+        if len(body) > 256 * 1024
+        else parse_infer_request(*parse_args)
+    )
     deadlines = [t for t in (parsed.timeout_s, client_timeout(request.headers)) if t is not None]
     served = await run_inference(state, torch.from_numpy(parsed.images), timeout_s=min(deadlines, default=None))
     tensors: dict[str, np.ndarray] = {

@@ -215,13 +215,47 @@ async def test_stop_finishes_queued_work_then_refuses_new_work() -> None:
 
 
 async def test_stop_gives_up_on_a_stuck_queue_after_the_drain_timeout() -> None:
-    model = RecordingModel(delay_s=0.2)
+    model = RecordingModel(delay_s=0.5)
     batcher = await started(Batcher(model, max_batch_size=1, max_batch_wait_s=0.0))
     pending = [asyncio.create_task(batcher.submit(images(0.1), 5)) for _ in range(5)]
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the first is on the worker thread, four are queued
+    started_at = time.monotonic()
     await batcher.stop(drain_timeout_s=0.05)
     outcomes = await asyncio.gather(*pending, return_exceptions=True)
-    assert any(isinstance(o, ServiceUnavailable) for o in outcomes)
+    assert all(isinstance(o, ServiceUnavailable) for o in outcomes), outcomes  # the running one too
+    assert time.monotonic() - started_at < 0.3  # neither waits for the stuck forward pass
+
+
+async def test_queue_depth_is_right_after_a_model_error() -> None:
+    observer = Observer()
+    batcher = await started(
+        Batcher(RecordingModel(fail_when=0.9), max_batch_size=4, max_batch_wait_s=0.0, observer=observer)
+    )
+    with pytest.raises(ModelFailure):
+        await batcher.submit(images(*([0.9] * 10)), 5)
+    assert batcher.queue_depth == 0
+    assert observer.depths[-1] == 0
+    await batcher.stop()
+
+
+async def test_a_dead_collector_fails_its_callers_at_once() -> None:
+    batcher = await started(Batcher(RecordingModel(delay_s=0.1), max_batch_size=1, max_batch_wait_s=0.0))
+    running = asyncio.create_task(batcher.submit(images(0.1), 5))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(batcher.submit(images(0.2), 5))
+    await asyncio.sleep(0)
+
+    def boom() -> list:
+        raise RuntimeError("collector bug")
+
+    batcher._take_batch = boom  # simulate a bug in the collector itself
+    started_at = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="stopped unexpectedly"):
+        await queued
+    assert time.monotonic() - started_at < 1.0
+    assert not batcher.running
+    await running  # the batch already on the worker thread still completes
+    await batcher.stop()
 
 
 async def test_wrong_output_shape_is_a_model_error() -> None:

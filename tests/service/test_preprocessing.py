@@ -62,10 +62,15 @@ def test_fully_transparent_image_is_blank() -> None:
 
 
 def test_palette_image_with_transparency_is_composited() -> None:
-    image = draw_seven(ink=0, paper=255).convert("P")
-    image.info["transparency"] = 255  # paper index transparent
+    # Ink and "paper" share one colour; only the transparency tells them apart.
+    ink_mask = np.asarray(draw_seven(ink=255, paper=0)) > 0
+    image = Image.fromarray(np.where(ink_mask, 0, 1).astype(np.uint8), "P")
+    image.putpalette([0, 0, 0] * 2)  # both palette entries black
+    image.info["transparency"] = 1  # entry 1 (everything but the strokes) transparent
     gray = image_to_gray(open_image(png(image), 1_000_000))
-    assert gray.min() == 0.0 and gray.max() == 1.0
+    assert gray[ink_mask].max() == 0.0  # black ink...
+    assert gray[~ink_mask].min() == 1.0  # ...composited onto white, so the digit can be found
+    assert (to_mnist(gray) > 0.5).sum() > 20
 
 
 def test_open_image_refuses_before_decoding() -> None:

@@ -126,3 +126,14 @@ def test_unknown_model_or_version_is_named(tmp_path: Path) -> None:
 def test_invalid_model_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="invalid model name"):
         write_artifact(tmp_path, "../escape", write_model, make_metadata)
+
+
+def test_a_failed_verification_publishes_nothing(tmp_path: Path) -> None:
+    def reject(directory: Path) -> None:
+        assert (directory / MODEL_FILE).exists()
+        raise ArtifactError("exported model does not reproduce the trained one")
+
+    with pytest.raises(ArtifactError, match="does not reproduce"):
+        write_artifact(tmp_path, "tiny", write_model, make_metadata, verify=reject)
+    assert list_versions(tmp_path, "tiny") == []
+    assert list((tmp_path / "tiny").iterdir()) == []

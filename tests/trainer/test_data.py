@@ -170,3 +170,36 @@ def test_http_mirror_downloads_gzipped_files(tmp_path: Path, gz_mirror: tuple[st
     url, files = gz_mirror
     mnist = load_mnist(tmp_path / "cache", [HttpMirror(url, timeout_s=5)], checksums(files))
     assert mnist.train.images.shape == (64, 28, 28)
+
+
+class BrokenSource:
+    description = "broken source"
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def fetch(self, names: Sequence[str]) -> dict[str, bytes]:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        __import__("http.client").client.IncompleteRead(b"partial"),
+        __import__("tarfile").ReadError("not a gzip file"),
+        __import__("zlib").error("invalid stored block lengths"),
+    ],
+)
+def test_a_source_failing_in_any_way_falls_through_to_the_next(tmp_path: Path, error: Exception) -> None:
+    files = synthetic_mnist_files()
+    good = FakeSource(files)
+    fetch_mnist(tmp_path, [BrokenSource(error), good], checksums(files))
+    assert good.calls == 1
+
+
+def test_corrupt_gzip_data_is_refused_and_the_next_source_used(tmp_path: Path) -> None:
+    files = synthetic_mnist_files()
+    corrupt = {name: gzip.compress(data)[:-30] + b"\x00" * 30 for name, data in files.items()}
+    good = FakeSource(files)
+    fetch_mnist(tmp_path, [FakeSource(corrupt), good], checksums(files))
+    assert good.calls == 1
