@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     from service.server import GracefulServer
 
     configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # e.g. a token file that cannot be read
+        print(f"invalid settings: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -8,17 +8,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 
 from service import __version__
+from service.auth import TokenCheck, read_tokens, require_admin_token
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware, SecurityHeadersMiddleware
 from service.predictor import Predictor
 from service.routes import health, metrics, model, predict, v2
 from service.state import ServingState
@@ -49,7 +50,12 @@ def create_app(
     """Build the app. Tests pass a small `predictor` and a fresh `registry`; otherwise the
     lifespan loads the artifact that `settings` names."""
     settings = settings or Settings()
-    state = ServingState(settings=settings, metrics=Metrics(registry))
+    state = ServingState(
+        settings=settings,
+        metrics=Metrics(registry),
+        api_auth=TokenCheck(read_tokens(settings.api_tokens, settings.api_tokens_file), "predictions"),
+        admin_auth=TokenCheck(read_tokens(settings.admin_tokens, settings.admin_tokens_file), "admin"),
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -70,12 +76,14 @@ def create_app(
     for router in (predict.router, model.router, health.router, v2.router):
         app.include_router(router)
     if settings.metrics_enabled:
-        app.include_router(metrics.router)
+        guard = [Depends(require_admin_token)] if settings.metrics_require_token else []
+        app.include_router(metrics.router, dependencies=guard)
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     # Added last = outermost: metrics see every response, the 413s of the body limit included.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, state=state)
+    app.add_middleware(SecurityHeadersMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

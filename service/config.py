@@ -38,13 +38,22 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins, comma-separated; empty: CORS closed"
     )
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer tokens for the prediction routes, comma-separated; empty: open"
+    )
+    api_tokens_file: Path | None = Field(None, description="file of prediction tokens, one per line (a mounted Secret)")
+    admin_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer tokens for the admin routes (reload), comma-separated; empty: open"
+    )
+    admin_tokens_file: Path | None = Field(None, description="file of admin tokens, one per line (a mounted Secret)")
+    metrics_require_token: bool = Field(False, description="require an admin token for /metrics too")
     metrics_enabled: bool = Field(True, description="serve Prometheus metrics at /metrics")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text for people, json for log pipelines")
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "api_tokens", "admin_tokens", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value

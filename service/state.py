@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
 from service.batcher import Batcher
+
+if TYPE_CHECKING:
+    from service.auth import TokenCheck
 from service.config import Settings
 from service.errors import ServiceUnavailable
 from service.metrics import Metrics
@@ -19,6 +22,8 @@ from service.predictor import Predictor
 class ServingState:
     settings: Settings
     metrics: Metrics
+    api_auth: TokenCheck
+    admin_auth: TokenCheck
     predictor: Predictor | None = None
     batcher: Batcher | None = None
     loaded: bool = False  # verified, warmed model in place

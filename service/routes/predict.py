@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from service.auth import require_api_token
 from service.config import Settings
 from service.errors import BadRequest, ErrorBody, InvalidInput, NoDigitFound, PayloadTooLarge, UnsupportedMediaType
 from service.inference import client_timeout, run_inference
@@ -23,13 +24,14 @@ from service.preprocessing import ALLOWED_FORMATS, image_to_mnist, open_image, t
 from service.schemas import BatchPredictResponse, ModelRef, Prediction, PredictRequest, PredictResponse
 from service.state import ServingState, State
 
-router = APIRouter(prefix="/v1", tags=["prediction"])
+router = APIRouter(prefix="/v1", tags=["prediction"], dependencies=[Depends(require_api_token)])
 
 INLINE_PIXELS = 512 * 512  # larger images are preprocessed on a worker thread, off the event loop
 INLINE_BODY_BYTES = 256 * 1024  # larger JSON bodies are validated on a worker thread
 IMAGE_TYPES = sorted(set(ALLOWED_FORMATS.values()))
 
 _COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "a bearer token is required (when tokens are configured)"},
     413: {"model": ErrorBody, "description": "body, image or image count over the limits"},
     422: {"model": ErrorBody, "description": "input of the wrong shape, type or range"},
     429: {"model": ErrorBody, "description": "queue full; see the Retry-After header"},

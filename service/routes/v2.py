@@ -7,12 +7,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
+from service.auth import require_api_token
 from service.errors import ServiceError, ServiceUnavailable
 from service.inference import client_timeout, run_inference
 from service.oip import HEADER_LENGTH, InferenceRequest, encode_infer_response, model_metadata, parse_infer_request
@@ -117,13 +118,14 @@ async def _infer(request: Request, state: ServingState, name: str, version: str 
 
 
 _INFER_DOC: dict[str, Any] = {
+    "dependencies": [Depends(require_api_token)],
     "summary": "Inference: input FP32 [N,1,28,28] or [N,784] in 0..1, or UINT8 in 0..255",
     "description": (
         "Outputs `logits` and `probabilities` (FP32 [N,10]) and `digit` (INT64 [N]); honours `outputs` and `id`. "
         "Supports the binary tensor data extension (`Inference-Header-Content-Length`, `binary_data_size`, "
         "`binary_data`, `binary_data_output`) and a `timeout` parameter in microseconds."
     ),
-    "responses": _ERRORS,
+    "responses": {**_ERRORS, 401: {"description": 'bearer token missing or invalid: {"error": "..."}'}},
     "openapi_extra": {
         "requestBody": {
             "required": True,
