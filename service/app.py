@@ -21,7 +21,8 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware, SecurityHeadersMiddleware
 from service.predictor import Predictor
-from service.routes import health, metrics, model, predict, v2
+from service.reload import Reloader, prepare_configured
+from service.routes import admin, health, metrics, model, predict, v2
 from service.state import ServingState
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await _start(state, predictor)
+        watcher = None
+        if state.reloader is not None and settings.reload_interval_s > 0 and settings.model_version is None:
+            watcher = asyncio.create_task(state.reloader.watch(settings.reload_interval_s), name="model-watcher")
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await _stop(state)
 
     app = FastAPI(
@@ -73,7 +79,7 @@ def create_app(
     )
     app.state.serving = state
     install_error_handlers(app)
-    for router in (predict.router, model.router, health.router, v2.router):
+    for router in (predict.router, model.router, health.router, v2.router, admin.router):
         app.include_router(router)
     if settings.metrics_enabled:
         guard = [Depends(require_admin_token)] if settings.metrics_require_token else []
@@ -98,11 +104,13 @@ def create_app(
 async def _start(state: ServingState, predictor: Predictor | None) -> None:
     settings = state.settings
     if predictor is None:
-        # Loading and warming take seconds; keep the event loop free meanwhile.
-        predictor = await asyncio.to_thread(Predictor.from_settings, settings)
-    await asyncio.to_thread(predictor.warm_up, settings.max_batch_size)
+        # Load, verify, vet and warm the configured version; seconds of work off the event loop.
+        predictor = await asyncio.to_thread(prepare_configured, settings)
+        state.reloader = Reloader(state)
+    else:
+        await asyncio.to_thread(predictor.warm_up, settings.max_batch_size)
     batcher = Batcher(
-        predictor.infer,
+        predictor,
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_s,
         queue_limit=settings.queue_limit,

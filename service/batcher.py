@@ -6,6 +6,10 @@ gathers queued images into batches of at most `max_batch_size`, waiting at most
 so the event loop never blocks on torch. A request's images may span several batches and
 share them with other requests. Every request owns its future: a caller that times out or
 is cancelled only withdraws its own images, and a model error fails only that batch.
+
+`swap()` replaces the model without downtime: each request is pinned to the model current
+when it was submitted and batches never mix models, so work already queued finishes on the
+old model and every result says which model computed it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class BatchObserver(Protocol):
 @dataclass(frozen=True)
 class BatchResult:
     logits: torch.Tensor  # [k, 10], CPU
+    served_by: InferFn  # the model that computed them
     queue_s: float  # longest time one of its images waited for a batch
     inference_s: float  # forward-pass time of the batches it took part in
     batch_size: int  # the largest batch it took part in
@@ -53,6 +58,7 @@ class _Pending:
     images: torch.Tensor
     future: asyncio.Future[BatchResult]
     enqueued_at: float
+    infer: InferFn  # pinned at submission
     logits: torch.Tensor = field(init=False)
     next_index: int = 0  # first image not yet taken into a batch
     done_images: int = 0
@@ -107,6 +113,15 @@ class Batcher:
         self._recent_rate = 0.0  # images per second, smoothed; for Retry-After
 
     # --- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def model(self) -> InferFn:
+        return self._infer
+
+    def swap(self, infer: InferFn) -> InferFn:
+        """Serve new requests with `infer`; queued and running work finishes on the old model."""
+        previous, self._infer = self._infer, infer
+        return previous
 
     @property
     def running(self) -> bool:
@@ -178,7 +193,7 @@ class Batcher:
                 headers={"Retry-After": str(self._retry_after_s())},
             )
         loop = asyncio.get_running_loop()
-        request = _Pending(images=images, future=loop.create_future(), enqueued_at=time.monotonic())
+        request = _Pending(images=images, future=loop.create_future(), enqueued_at=time.monotonic(), infer=self._infer)
         self._queue.append(request)
         self._queued_images += count
         self._active_requests += 1
@@ -254,11 +269,15 @@ class Batcher:
         pieces: list[_Piece] = []
         room = self.max_batch_size
         now = time.monotonic()
+        model: InferFn | None = None
         while room and self._queue:
             request = self._queue[0]
             if request.untaken == 0 or request.future.done():
                 self._queue.popleft()  # finished, withdrawn or failed
                 continue
+            if model is not None and request.infer is not model:
+                break  # a batch runs on one model; the next batch takes the other
+            model = request.infer
             start = request.next_index
             stop = start + min(room, request.untaken)
             pieces.append(_Piece(request, start, stop))
@@ -280,8 +299,9 @@ class Batcher:
         size = sum(len(part) for part in parts)
         started = time.monotonic()
         self._running = pieces
+        model = pieces[0].request.infer
         try:
-            logits = await loop.run_in_executor(self._executor, self._forward, parts)
+            logits = await loop.run_in_executor(self._executor, self._forward, model, parts)
             if logits.shape != (size, 10):
                 raise RuntimeError(f"model returned shape {tuple(logits.shape)}, expected ({size}, 10)")
         except Exception as exc:
@@ -311,12 +331,13 @@ class Batcher:
             request.batch_size = max(request.batch_size, size)
             if request.done_images == len(request.images) and not request.future.done():
                 request.future.set_result(
-                    BatchResult(request.logits, request.queue_s, request.inference_s, request.batch_size)
+                    BatchResult(request.logits, model, request.queue_s, request.inference_s, request.batch_size)
                 )
 
-    def _forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _forward(model: InferFn, parts: list[torch.Tensor]) -> torch.Tensor:
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self._infer(batch)
+        return model(batch)
 
     def _fail(self, request: _Pending, error: Exception) -> None:
         if request.untaken:

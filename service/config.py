@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, in ms")
     queue_limit: int = Field(2048, ge=1, description="most images waiting; beyond it requests get 429")
     request_timeout_s: float = Field(10.0, gt=0, le=600, description="longest a request waits for its result")
+    reload_interval_s: float = Field(
+        10.0, ge=0, le=3600, description="how often to look for a newer model version, in s; 0: only on admin reload"
+    )
     shutdown_delay_s: float = Field(
         0.0, ge=0, le=300, description="after SIGTERM, keep answering (readiness 503, new work 503) this long first"
     )

@@ -43,11 +43,14 @@ async def run_inference(
     state: ServingState, images: torch.Tensor, preprocess_s: float = 0.0, timeout_s: float | None = None
 ) -> Served:
     """Queue `images` [k, 1, 28, 28] (0..1) with everyone else's and wait for the result."""
-    predictor, batcher = state.serving()
+    _, batcher = state.serving()
     timeout = (
         state.settings.request_timeout_s if timeout_s is None else min(timeout_s, state.settings.request_timeout_s)
     )
     result = await batcher.submit(images, timeout)
+    # The model that computed these logits (a hot reload may have switched since submission).
+    predictor = result.served_by
+    assert isinstance(predictor, Predictor)
     probabilities = torch.softmax(result.logits / predictor.temperature, dim=1)
     confidences, digits = probabilities.max(dim=1)
     for digit, confidence in zip(digits.tolist(), confidences.tolist(), strict=True):

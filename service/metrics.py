@@ -56,6 +56,7 @@ class Metrics:
             buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
+        self.reloads = Counter(f"{PREFIX}_model_reloads", "model version switches, by outcome", ["outcome"], registry=r)
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "the model being served (value 1)", ["name", "version"], registry=r
         )
@@ -63,6 +64,8 @@ class Metrics:
             self.rejections.labels(reason=reason)
         for digit in range(10):
             self.predictions.labels(digit=str(digit))
+        for outcome in ("reloaded", "refused"):
+            self.reloads.labels(outcome=outcome)
 
     # --- BatchObserver -----------------------------------------------------------------
 

@@ -7,8 +7,7 @@ import time
 
 import torch
 
-from service.config import Settings
-from trainer.artifact import ArtifactMetadata, load_model, resolve_version_dir
+from trainer.artifact import ArtifactMetadata
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +29,6 @@ class Predictor:
         self.metadata = metadata
         self._cuda = self.device.type == "cuda"
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Predictor:
-        """Load and verify the configured artifact. Raises ArtifactError with the file and problem."""
-        if settings.cpu_threads:
-            torch.set_num_threads(settings.cpu_threads)
-        device = pick_device(settings.device)
-        version_dir = resolve_version_dir(settings.artifact_dir, settings.model_name, settings.model_version)
-        model, metadata = load_model(version_dir, map_location=device)
-        log.info("loaded %s v%s from %s onto %s", metadata.name, metadata.version, version_dir, device)
-        return cls(model, metadata, device)
-
     @property
     def name(self) -> str:
         return self.metadata.name
@@ -52,6 +40,9 @@ class Predictor:
     @property
     def temperature(self) -> float:
         return self.metadata.temperature
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.infer(images)
 
     def infer(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 1, 28, 28] float32 in 0..1 on the CPU -> [B, 10] float32 logits on the CPU."""

@@ -12,6 +12,7 @@ from service.batcher import Batcher
 
 if TYPE_CHECKING:
     from service.auth import TokenCheck
+    from service.reload import Reloader
 from service.config import Settings
 from service.errors import ServiceUnavailable
 from service.metrics import Metrics
@@ -26,6 +27,7 @@ class ServingState:
     admin_auth: TokenCheck
     predictor: Predictor | None = None
     batcher: Batcher | None = None
+    reloader: Reloader | None = None  # set when the model comes from artifacts (not injected)
     loaded: bool = False  # verified, warmed model in place
     shutting_down: bool = False
     predict_in_flight: int = 0  # prediction requests received and not yet answered

@@ -1,0 +1,136 @@
+"""Loading a model version safely, and switching to a new one without downtime.
+
+Every version the service serves, at start-up or on reload, is vetted the same way: its
+files are verified against their checksum, its metadata's input spec must be the one the
+service feeds, a handful of known digits must be classified correctly, and it is warmed up
+at every batch size. A reload does all of that beside the serving model and only then
+swaps it in; a version that fails is refused and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.config import Settings
+from service.predictor import Predictor, pick_device
+from service.state import ServingState
+from trainer.artifact import ArtifactError, InputSpec, OutputSpec, list_versions, load_model, resolve_version_dir
+
+log = logging.getLogger(__name__)
+
+SANITY_DIGITS = Path(__file__).parent / "sanity_digits.npz"  # 2 MNIST test digits per class
+
+
+def _check_specs(predictor: Predictor) -> None:
+    meta = predictor.metadata
+    if meta.input != InputSpec() or meta.output != OutputSpec() or meta.labels != [str(d) for d in range(10)]:
+        raise ArtifactError(
+            f"{meta.name} v{meta.version}: metadata input/output spec ({meta.input.shape} {meta.input.dtype} "
+            f"{meta.input.polarity} -> {meta.output.shape}) does not match what the service feeds "
+            "([N, 1, 28, 28] float32 0..1 white-on-black -> [N, 10] logits)"
+        )
+
+
+def _check_known_digits(predictor: Predictor) -> None:
+    with np.load(SANITY_DIGITS) as known:
+        images = torch.from_numpy(known["images"].astype(np.float32) / 255.0).unsqueeze(1)
+        labels = known["labels"].astype(np.int64)
+    logits = predictor.infer(images)
+    if logits.shape != (len(labels), 10):
+        raise ArtifactError(
+            f"model returned shape {tuple(logits.shape)} for {len(labels)} images, expected ({len(labels)}, 10)"
+        )
+    wrong = int((logits.argmax(dim=1).numpy() != labels).sum())
+    if wrong:
+        raise ArtifactError(
+            f"{predictor.name} v{predictor.version}: sanity check failed: {wrong} of {len(labels)} known digits misclassified"
+        )
+
+
+def prepare_version(version_dir: Path, settings: Settings) -> Predictor:
+    """Load, verify, vet and warm one version (blocking; run it on a worker thread)."""
+    device = pick_device(settings.device)
+    model, metadata = load_model(version_dir, map_location=device)
+    predictor = Predictor(model, metadata, device)
+    _check_specs(predictor)
+    _check_known_digits(predictor)
+    predictor.warm_up(settings.max_batch_size)
+    return predictor
+
+
+def prepare_configured(settings: Settings) -> Predictor:
+    """The version the settings name (the newest when none is pinned), ready to serve."""
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    version_dir = resolve_version_dir(settings.artifact_dir, settings.model_name, settings.model_version)
+    predictor = prepare_version(version_dir, settings)
+    log.info("loaded %s v%s from %s onto %s", predictor.name, predictor.version, version_dir, predictor.device)
+    return predictor
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    status: str  # "reloaded" or "unchanged"
+    previous_version: int
+    serving_version: int
+
+
+class ReloadRefused(ArtifactError):
+    """A newer version exists but failed vetting; the old one keeps serving."""
+
+
+class Reloader:
+    def __init__(self, state: ServingState) -> None:
+        self._state = state
+        self._lock = asyncio.Lock()
+        self._refused: dict[int, str] = {}  # version -> why, so the watcher does not retry it every poll
+
+    async def reload(self, *, retry_refused: bool = True) -> ReloadOutcome:
+        """Switch to the newest version (or the pinned one) if it differs from the serving one."""
+        async with self._lock:
+            state, settings = self._state, self._state.settings
+            current = state.predictor
+            if current is None or state.batcher is None:
+                raise ArtifactError("no model is being served yet")
+            version_dir = resolve_version_dir(settings.artifact_dir, settings.model_name, settings.model_version)
+            version = int(version_dir.name)
+            if version == current.version:
+                return ReloadOutcome("unchanged", current.version, current.version)
+            if not retry_refused and version in self._refused:
+                raise ReloadRefused(self._refused[version])
+            try:
+                candidate = await asyncio.to_thread(prepare_version, version_dir, settings)
+            except Exception as exc:  # noqa: BLE001 - any failure refuses the candidate
+                reason = f"version {version} refused: {exc}; still serving version {current.version}"
+                self._refused[version] = reason
+                state.metrics.reloads.labels(outcome="refused").inc()
+                log.error("%s", reason)
+                raise ReloadRefused(reason) from None
+            state.batcher.swap(candidate)
+            state.predictor = candidate
+            state.metrics.serving(candidate.name, candidate.version)
+            state.metrics.reloads.labels(outcome="reloaded").inc()
+            log.info("reloaded: now serving %s v%s (was v%s)", candidate.name, candidate.version, current.version)
+            return ReloadOutcome("reloaded", current.version, candidate.version)
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll the artifact directory and reload when a newer version appears."""
+        state, settings = self._state, self._state.settings
+        while True:
+            await asyncio.sleep(interval_s)
+            if state.predictor is None or state.shutting_down:
+                continue
+            try:
+                newest = (list_versions(settings.artifact_dir, settings.model_name) or [0])[-1]
+                if newest > state.predictor.version:
+                    await self.reload(retry_refused=False)
+            except ArtifactError:
+                pass  # a refused version was logged once; the old model keeps serving
+            except Exception:
+                log.exception("looking for a new model version failed; will look again")

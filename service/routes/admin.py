@@ -1,0 +1,48 @@
+"""Admin routes: POST /v1/admin/reload. Guarded by the admin tokens when they are configured."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from service.auth import require_admin_token
+from service.errors import ErrorBody, ServiceError
+from service.reload import ReloadRefused
+from service.state import State
+from trainer.artifact import ArtifactError
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
+
+
+class ReloadConflict(ServiceError):
+    status_code = 409
+    code = "reload_refused"
+
+
+class ReloadResult(BaseModel):
+    status: str = Field(examples=["reloaded"], description="reloaded, or unchanged when already serving the newest")
+    previous_version: int
+    serving_version: int
+
+
+@router.post(
+    "/reload",
+    response_model=ReloadResult,
+    summary="Switch to the newest model version without downtime",
+    responses={
+        401: {"model": ErrorBody, "description": "admin token missing or invalid"},
+        409: {"model": ErrorBody, "description": "the new version failed its checks; the old one keeps serving"},
+    },
+)
+async def reload_model(state: State) -> ReloadResult:
+    """Load the newest version beside the serving one, verify its checksum, check a handful of known
+    digits, warm it up, then switch; requests already queued finish on the old model."""
+    if state.reloader is None:
+        raise ReloadConflict("the service is not serving a model from artifacts yet")
+    try:
+        outcome = await state.reloader.reload()
+    except (ReloadRefused, ArtifactError) as exc:
+        raise ReloadConflict(str(exc)) from None
+    return ReloadResult(
+        status=outcome.status, previous_version=outcome.previous_version, serving_version=outcome.serving_version
+    )

@@ -1,0 +1,157 @@
+"""Hot reload: a new version is vetted beside the serving one and switched in without failures."""
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from service.app import create_app
+from service.config import Settings
+from tests.helpers import MeanIntensityNet
+from trainer.artifact import ArtifactError, ArtifactMetadata, read_metadata, save_torchscript, write_artifact
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT = REPO / "artifacts" / "mnist-cnn" / "1"
+PIXELS = {"pixels": [0.0] * 784}
+
+
+def publish(root: Path, write_model, metadata: ArtifactMetadata | None = None, **changes: object) -> Path:
+    """Publish a new version the way the trainer does (atomically), reusing the default's metadata."""
+    base = metadata or read_metadata(DEFAULT)
+    return write_artifact(
+        root,
+        "mnist-cnn",
+        write_model,
+        lambda version, sha: base.model_copy(update={"version": version, "model_sha256": sha, **changes}),
+    )
+
+
+def copy_default_model(path: Path) -> None:
+    shutil.copyfile(DEFAULT / "model.pt", path)
+
+
+def digit_blind_model(path: Path) -> None:
+    save_torchscript(MeanIntensityNet(), path, torch.zeros(1, 1, 28, 28))
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    publish(tmp_path, copy_default_model)  # version 1
+    return tmp_path
+
+
+@pytest.fixture
+def watching(artifacts: Path) -> Iterator[TestClient]:
+    settings = Settings(artifact_dir=artifacts, reload_interval_s=0.1, max_batch_size=8, admin_tokens=["admin"])
+    with TestClient(create_app(settings, registry=CollectorRegistry())) as client:
+        yield client
+
+
+def wait_for_version(client: TestClient, version: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get("/readyz").json()["model"]["version"] != version:
+        assert time.monotonic() < deadline, f"never switched to version {version}"
+        time.sleep(0.05)
+
+
+def test_steady_traffic_through_a_reload_fails_no_request(watching: TestClient, artifacts: Path) -> None:
+    seen: list[list[int]] = [[] for _ in range(4)]
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic(lane: list[int]) -> None:
+        while not stop.is_set():
+            response = watching.post("/v1/predict", json=PIXELS)
+            if response.status_code != 200:
+                failures.append(response.text)
+            else:
+                lane.append(int(response.headers["X-Model-Version"]))
+
+    threads = [threading.Thread(target=traffic, args=(lane,)) for lane in seen]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    publish(artifacts, copy_default_model)  # version 2 appears on disk, as the trainer writes it
+    wait_for_version(watching, 2)
+    time.sleep(0.3)
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    assert failures == []
+    assert {v for lane in seen for v in lane} == {1, 2}
+    for lane in seen:  # each client sees the switch once and never goes back
+        assert lane == sorted(lane)
+    metrics = watching.get("/metrics", headers={"Authorization": "Bearer admin"}).text
+    assert 'digit_model_reloads_total{outcome="reloaded"} 1.0' in metrics
+    assert 'digit_model_info{name="mnist-cnn",version="2"} 1.0' in metrics
+
+
+def test_a_version_that_fails_the_known_digits_check_is_refused(watching: TestClient, artifacts: Path) -> None:
+    publish(artifacts, digit_blind_model)  # version 2: valid files, wrong answers
+    deadline = time.monotonic() + 10
+    while 'outcome="refused"} 1.0' not in watching.get("/metrics").text:
+        assert time.monotonic() < deadline, "the bad version was never looked at"
+        time.sleep(0.05)
+    assert watching.post("/v1/predict", json=PIXELS).headers["X-Model-Version"] == "1"  # still serving
+    refused = watching.post("/v1/admin/reload", headers={"Authorization": "Bearer admin"})
+    assert refused.status_code == 409
+    assert "sanity check failed" in refused.json()["message"]
+    assert "still serving version 1" in refused.json()["message"]
+
+
+def test_a_tampered_version_is_refused(watching: TestClient, artifacts: Path) -> None:
+    version_dir = publish(artifacts, copy_default_model)
+    with (version_dir / "model.pt").open("ab") as f:
+        f.write(b"tampered")
+    response = watching.post("/v1/admin/reload", headers={"Authorization": "Bearer admin"})
+    assert response.status_code == 409
+    assert "SHA-256 mismatch" in response.json()["message"]
+    assert watching.get("/readyz").json()["model"]["version"] == 1
+
+
+def test_admin_reload_switches_or_says_unchanged_and_needs_its_token(watching: TestClient, artifacts: Path) -> None:
+    assert watching.post("/v1/admin/reload").status_code == 401
+    admin = {"Authorization": "Bearer admin"}
+    assert watching.post("/v1/admin/reload", headers=admin).json() == {
+        "status": "unchanged",
+        "previous_version": 1,
+        "serving_version": 1,
+    }
+
+
+def test_admin_reload_without_watching(artifacts: Path) -> None:
+    settings = Settings(artifact_dir=artifacts, reload_interval_s=0, max_batch_size=4)
+    with TestClient(create_app(settings, registry=CollectorRegistry())) as client:
+        publish(artifacts, copy_default_model)
+        time.sleep(0.3)
+        assert client.get("/readyz").json()["model"]["version"] == 1  # no watcher: nothing happens by itself
+        response = client.post("/v1/admin/reload")
+        assert response.json() == {"status": "reloaded", "previous_version": 1, "serving_version": 2}
+        assert client.post("/v1/predict", json=PIXELS).headers["X-Model-Version"] == "2"
+
+
+def test_start_up_refuses_a_model_that_fails_the_known_digits_check(tmp_path: Path) -> None:
+    publish(tmp_path, digit_blind_model)
+    with (
+        pytest.raises(ArtifactError, match="sanity check failed"),
+        TestClient(create_app(Settings(artifact_dir=tmp_path), registry=CollectorRegistry())),
+    ):
+        pass
+
+
+def test_start_up_refuses_metadata_whose_input_spec_does_not_match(tmp_path: Path) -> None:
+    metadata = read_metadata(DEFAULT)
+    odd_input = metadata.input.model_copy(update={"shape": [None, 1, 32, 32]})
+    publish(tmp_path, copy_default_model, metadata=metadata.model_copy(update={"input": odd_input}))
+    with (
+        pytest.raises(ArtifactError, match="does not match what the service feeds"),
+        TestClient(create_app(Settings(artifact_dir=tmp_path), registry=CollectorRegistry())),
+    ):
+        pass
