@@ -340,3 +340,18 @@ def test_manifests_use_the_image_name_kustomize_sets() -> None:
     }
     (image,) = yaml_doc(K8S_BASE / "kustomization.yaml")["images"]
     assert images == {image["name"]}
+
+
+def test_auth_overlay_mounts_the_token_secret_where_the_settings_point() -> None:
+    objects = render(K8S / "overlays" / "auth")
+    settings = one(objects, "ConfigMap")["data"]
+    env_names = set(Settings.env_names().values())
+    token_files = {key: value for key, value in settings.items() if key.endswith("_TOKENS_FILE")}
+    assert set(token_files) == {"DIGIT_API_TOKENS_FILE", "DIGIT_ADMIN_TOKENS_FILE"} <= env_names
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (mount,) = [m for m in container(pod, "api")["volumeMounts"] if m["name"] == "tokens"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tokens"]
+    assert volume["secret"]["secretName"] == "digit-api-tokens"
+    for path in token_files.values():
+        assert path.startswith(mount["mountPath"] + "/")
