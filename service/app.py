@@ -87,7 +87,9 @@ def create_app(
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     # Added last = outermost: metrics see every response, the 413s of the body limit included.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(RequestMetricsMiddleware, state=state)
     app.add_middleware(SecurityHeadersMiddleware)
     if settings.cors_origins:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_instances: int = Field(256, ge=1, le=100_000, description="most images in one JSON request")
     max_files: int = Field(16, ge=1, le=1000, description="most images in one multipart upload")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body, in bytes")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="longest a client may take to send its body (slow clients get 408)"
+    )
     max_image_pixels: int = Field(16_000_000, ge=784, description="largest decoded image (width x height)")
     max_preprocess_side: int = Field(4096, ge=28, description="largest pixel array side with preprocess=true")
     cors_origins: Annotated[list[str], NoDecode] = Field(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_response
+from service.errors import PayloadTooLarge, ServiceError, error_response
 from service.state import ServingState
 
 # Probes and scrapes stay out of request metrics.
@@ -22,13 +23,22 @@ class _BodyTooLarge(PayloadTooLarge):
     """Raised from `receive`; the app's error handler renders it as a 413."""
 
 
-class BodyLimitMiddleware:
-    """Refuse bodies over the limit with 413 before they are read into memory: by the
-    Content-Length header when there is one, else as the bytes arrive."""
+class _BodyTooSlow(ServiceError):
+    """Raised from `receive` when the body has not arrived in time; rendered as a 408."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    status_code = 408
+    code = "request_timeout"
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over the limit with 413 before they are read into memory (by the
+    Content-Length header when there is one, else as the bytes arrive), and bodies that
+    trickle in slower than `body_timeout_s` with 408, so slow clients cannot hold workers."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,10 +57,19 @@ class BodyLimitMiddleware:
                     return
         received = 0
         response_started = False
+        deadline = time.monotonic() + self.body_timeout_s
+
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later receives only wait for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                raise _BodyTooSlow(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

@@ -1,0 +1,127 @@
+"""Hostile input against a real server: each gets a clear 4xx in bounded time, and the server keeps serving."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DIGIT_PORT": str(port), "DIGIT_BODY_TIMEOUT_S": "1", "DIGIT_LOG_LEVEL": "warning"}
+    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx2.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def still_serving(base: str) -> None:
+    assert httpx2.post(f"{base}/v1/predict", json={"pixels": [0.0] * 784}, timeout=5).status_code == 200
+
+
+def timed_post(base: str, path: str, **kwargs: object) -> tuple[httpx2.Response, float]:
+    started = time.monotonic()
+    response = httpx2.post(f"{base}{path}", timeout=10, **kwargs)
+    return response, time.monotonic() - started
+
+
+def test_deeply_nested_json(server: str) -> None:
+    body = b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response, seconds = timed_post(server, "/v1/predict", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422)
+    assert seconds < 2
+    still_serving(server)
+
+
+def test_gigantic_numbers(server: str) -> None:
+    huge = b"9" * 100_000
+    body = b'{"pixels": [' + huge + b", 0" * 783 + b"]}"
+    response, seconds = timed_post(server, "/v1/predict", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422)  # the JSON parser or validation, depending on the size
+    assert seconds < 2
+    still_serving(server)
+
+
+def test_animated_image_with_many_frames_decodes_only_the_first(server: str) -> None:
+    frames = [Image.new("L", (400, 400), 255 if i else 0) for i in range(300)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=10)
+    response, seconds = timed_post(
+        server, "/v1/predict/image", content=buffer.getvalue(), headers={"Content-Type": "image/gif"}
+    )
+    assert response.status_code == 200
+    assert response.json()["digit"] is None  # the first frame is blank
+    assert seconds < 2
+    still_serving(server)
+
+
+def test_decompression_bomb(server: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("1", (30_000, 30_000)).save(buffer, format="PNG")  # 900 megapixels in ~100 kB
+    response, seconds = timed_post(
+        server, "/v1/predict/image", content=buffer.getvalue(), headers={"Content-Type": "image/png"}
+    )
+    assert response.status_code == 413
+    assert seconds < 2
+    still_serving(server)
+
+
+def test_huge_declared_body_is_refused_before_it_is_sent(server: str) -> None:
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n"
+        )
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413")
+    still_serving(server)
+
+
+def test_slow_client_gets_408_and_does_not_hold_the_server(server: str) -> None:
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{"
+        )
+        started = time.monotonic()
+        still_serving(server)  # others are served while it dawdles
+        reply = sock.recv(4096)
+        waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"did not arrive within 1 s" in reply
+    assert waited < 5
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/xml", "image/svg+xml", "multipart/form-data; boundary=x"]
+)
+def test_wrong_content_types(server: str, content_type: str) -> None:
+    response, _ = timed_post(server, "/v1/predict/image", content=b"<svg/>", headers={"Content-Type": content_type})
+    assert 400 <= response.status_code < 500
+    assert response.json()["message"]
+    still_serving(server)
