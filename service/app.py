@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
 from service import __version__
@@ -71,7 +72,9 @@ def create_app(
                 watcher.cancel()
             await _stop(state)
 
-    app = FastAPI(
+    # FastAPIOffline: the same FastAPI app, with /docs and /redoc served from bundled assets
+    # instead of a public CDN, so the API documentation works on air-gapped deployments.
+    app = FastAPIOffline(
         title="Digit recognition service",
         version=__version__,
         description=DESCRIPTION,

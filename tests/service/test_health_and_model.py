@@ -84,7 +84,15 @@ def test_openapi_documents_every_route_with_its_errors(client: TestClient) -> No
     image = paths["/v1/predict/image"]["post"]
     assert {"multipart/form-data", "image/png", "image/jpeg"} <= set(image["requestBody"]["content"])
     assert "415" in image["responses"]
-    assert client.get("/docs").status_code == 200
+
+
+def test_docs_pages_work_offline(client: TestClient) -> None:
+    for path in ("/docs", "/redoc"):
+        page = client.get(path)
+        assert page.status_code == 200
+        assert "http://" not in page.text.replace("http://testserver", "")
+        assert "https://" not in page.text  # no CDN: every asset is served by the service itself
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
 
 
 # --- start-up with real artifacts --------------------------------------------------------
