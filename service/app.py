@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
@@ -88,7 +89,14 @@ def create_app(
         guard = [Depends(require_admin_token)] if settings.metrics_require_token else []
         app.include_router(metrics.router, dependencies=guard)
     if STATIC_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+        # The page's assets live under /static and the page itself is a route of its own: a
+        # mount at "/" would swallow wrong-method API calls (404 instead of 405).
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def demo_page() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+
     # Added last = outermost: metrics see every response, the 413s of the body limit included.
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
