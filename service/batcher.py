@@ -167,16 +167,15 @@ class Batcher:
 
     # --- submitting ----------------------------------------------------------------------
 
-    async def submit(self, images: torch.Tensor, timeout_s: float) -> BatchResult:
-        """Queue `images` [k, 1, 28, 28] and wait for their logits."""
+    def admit(self, count: int, timeout_s: float) -> None:
+        """Raise the answer `count` more images would get (503, or 429 when the queue is full or
+        the wait would outlast the deadline). Handlers call it with 1 before reading a body, so
+        shedding load costs almost nothing; submit() checks again with the real count."""
         if self._stopping or self._task is None or self._task.done():
             self._report_rejected("unavailable")
             raise ServiceUnavailable(
                 "the model is not serving right now; try again shortly", headers={"Retry-After": "1"}
             )
-        count = len(images)
-        if count == 0:
-            raise ValueError("no images to submit")
         if self._queued_images + count > self.queue_limit:
             self._report_rejected("queue_full")
             raise Overloaded(
@@ -188,10 +187,17 @@ class Batcher:
             # It would only time out in the queue: say so now, while the client can still retry elsewhere.
             self._report_rejected("deadline")
             raise Overloaded(
-                f"server busy: the expected wait ({expected_wait_s:.2f} s) exceeds this request's "
-                f"timeout ({timeout_s:g} s); retry later",
+                f"server busy: the expected wait ({expected_wait_s:.3g} s) exceeds this request's "
+                f"deadline ({timeout_s:.3g} s); retry later",
                 headers={"Retry-After": str(self._retry_after_s())},
             )
+
+    async def submit(self, images: torch.Tensor, timeout_s: float) -> BatchResult:
+        """Queue `images` [k, 1, 28, 28] and wait for their logits."""
+        count = len(images)
+        if count == 0:
+            raise ValueError("no images to submit")
+        self.admit(count, timeout_s)
         loop = asyncio.get_running_loop()
         request = _Pending(images=images, future=loop.create_future(), enqueued_at=time.monotonic(), infer=self._infer)
         self._queue.append(request)
@@ -204,7 +210,9 @@ class Batcher:
         except TimeoutError:
             self._withdraw(request)
             self._report_rejected("timeout")
-            raise InferenceTimeout(f"no result within {timeout_s:g} s; the server is overloaded") from None
+            raise InferenceTimeout(
+                f"no result within the request's deadline of {timeout_s:.3g} s; retry later"
+            ) from None
         except asyncio.CancelledError:
             self._withdraw(request)  # the client went away; its images leave the queue
             raise

@@ -39,15 +39,23 @@ class Served:
     headers: dict[str, str]
 
 
+def effective_timeout(state: ServingState, timeout_s: float | None) -> float:
+    limit = state.settings.request_timeout_s
+    return limit if timeout_s is None else min(timeout_s, limit)
+
+
+def admit_early(state: ServingState, timeout_s: float | None = None) -> None:
+    """Refuse at once, before a body is read, what the batcher would refuse anyway."""
+    _, batcher = state.serving()
+    batcher.admit(1, effective_timeout(state, timeout_s))
+
+
 async def run_inference(
     state: ServingState, images: torch.Tensor, preprocess_s: float = 0.0, timeout_s: float | None = None
 ) -> Served:
     """Queue `images` [k, 1, 28, 28] (0..1) with everyone else's and wait for the result."""
     _, batcher = state.serving()
-    timeout = (
-        state.settings.request_timeout_s if timeout_s is None else min(timeout_s, state.settings.request_timeout_s)
-    )
-    result = await batcher.submit(images, timeout)
+    result = await batcher.submit(images, effective_timeout(state, timeout_s))
     # The model that computed these logits (a hot reload may have switched since submission).
     predictor = result.served_by
     assert isinstance(predictor, Predictor)

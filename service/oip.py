@@ -205,6 +205,25 @@ def encode_infer_response(
     return header + b"".join(blobs), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
+def request_schema() -> dict[str, Any]:
+    """The inference request's JSON schema with its `$defs` inlined, for the OpenAPI document
+    (a `#/$defs/...` reference would not resolve from the document's root)."""
+    schema = InferenceRequest.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
+
+
 def model_metadata(name: str, version: int) -> dict[str, Any]:
     return {
         "name": name,

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from service.auth import require_api_token
 from service.config import Settings
 from service.errors import BadRequest, ErrorBody, InvalidInput, NoDigitFound, PayloadTooLarge, UnsupportedMediaType
-from service.inference import client_timeout, run_inference
+from service.inference import admit_early, client_timeout, run_inference
 from service.preprocessing import ALLOWED_FORMATS, image_to_mnist, open_image, to_mnist
 from service.schemas import BatchPredictResponse, ModelRef, Prediction, PredictRequest, PredictResponse
 from service.state import ServingState, State
@@ -153,7 +153,8 @@ async def predict_pixels(request: Request, state: State) -> Response:
     polarity is accepted and centred and scaled like MNIST first. One image answers
     `{"digit", "confidence", "probabilities", "model"}`; instances answer `{"predictions": [...], "model"}`.
     Headers: `X-Model-Version`, `X-Batch-Size`, `Server-Timing` (queue, preprocess, inference in ms)."""
-    state.serving()  # fail fast, before decoding a large body, when not ready
+    timeout_s = client_timeout(request.headers)
+    admit_early(state, timeout_s)  # not ready, queue full or hopeless: say so before reading the body
     body = await request.body()
     if not body.strip():
         raise BadRequest("request body is empty; send a JSON object")
@@ -163,7 +164,6 @@ async def predict_pixels(request: Request, state: State) -> Response:
     else:
         payload, images = _decode_pixels(body, state.settings)
     preprocess_s = time.perf_counter() - started
-    timeout_s = client_timeout(request.headers)
     predictions, headers = await _predict(state, images, payload.return_input, preprocess_s, timeout_s)
     return _render(state, predictions, payload.pixels is not None, headers)
 
@@ -233,7 +233,11 @@ def _image_to_mnist_or_reason(image: Any) -> np.ndarray | str:
     summary="Recognise digits in uploaded images",
     response_model=PredictResponse | BatchPredictResponse,
     response_model_exclude_unset=True,
-    responses={415: {"model": ErrorBody, "description": "not an image type we read"}, **_COMMON_ERRORS},
+    responses={
+        400: {"model": ErrorBody, "description": "malformed multipart body or deadline header"},
+        415: {"model": ErrorBody, "description": "not an image type we read"},
+        **_COMMON_ERRORS,
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -260,7 +264,8 @@ async def predict_image(
     limit, any mode; dark-on-light and light-on-dark both work. The image is made MNIST-like: cropped
     to the ink, scaled to 20 px, centred by mass in 28x28. A blank image answers `digit: null` with
     a `detail` saying no digit was found. Several files answer `{"predictions": [...]}`."""
-    state.serving()  # fail fast, before reading a large body, when not ready
+    timeout_s = client_timeout(request.headers)
+    admit_early(state, timeout_s)  # not ready, queue full or hopeless: say so before reading the body
     blobs, single = await _read_images(request, state)
     started = time.perf_counter()
     images: list[np.ndarray | str] = []
@@ -277,5 +282,5 @@ async def predict_image(
         else:
             images.append(_image_to_mnist_or_reason(image))
     preprocess_s = time.perf_counter() - started
-    predictions, headers = await _predict(state, images, return_input, preprocess_s, client_timeout(request.headers))
+    predictions, headers = await _predict(state, images, return_input, preprocess_s, timeout_s)
     return _render(state, predictions, single, headers)

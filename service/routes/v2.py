@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__
 from service.auth import require_api_token
 from service.errors import ServiceError, ServiceUnavailable
-from service.inference import client_timeout, run_inference
-from service.oip import HEADER_LENGTH, InferenceRequest, encode_infer_response, model_metadata, parse_infer_request
+from service.inference import admit_early, client_timeout, run_inference
+from service.oip import HEADER_LENGTH, encode_infer_response, model_metadata, parse_infer_request, request_schema
 from service.predictor import Predictor
 from service.state import ServingState, State
 
@@ -96,6 +96,7 @@ async def _ready(state: ServingState, name: str, version: str | None) -> JSONRes
 
 async def _infer(request: Request, state: ServingState, name: str, version: str | None) -> Response:
     predictor = _model(state, name, version)
+    admit_early(state, client_timeout(request.headers))  # before reading the body: shedding load stays cheap
     body = await request.body()
     parse_args = (body, request.headers.get(HEADER_LENGTH), state.settings.max_instances)
     # Big bodies are decoded off the event loop, so one large request does not stall the others.
@@ -125,11 +126,26 @@ _INFER_DOC: dict[str, Any] = {
         "Supports the binary tensor data extension (`Inference-Header-Content-Length`, `binary_data_size`, "
         "`binary_data`, `binary_data_output`) and a `timeout` parameter in microseconds."
     ),
-    "responses": {**_ERRORS, 401: {"description": 'bearer token missing or invalid: {"error": "..."}'}},
+    "responses": {
+        200: {
+            "description": "outputs as JSON, or (binary tensor data extension) a JSON header of "
+            "`Inference-Header-Content-Length` bytes followed by the raw tensors",
+            "content": {"application/json": {}, "application/octet-stream": {}},
+        },
+        **_ERRORS,
+        401: {"description": 'bearer token missing or invalid: {"error": "..."}'},
+        413: {"description": 'body over the size limit: {"error": "..."}'},
+        429: {
+            "description": 'queue full, or the expected wait exceeds the deadline; see Retry-After: {"error": "..."}'
+        },
+        500: {"description": 'the model failed on this batch: {"error": "..."}'},
+        503: {"description": 'not ready, or shutting down: {"error": "..."}'},
+        504: {"description": 'no result within the deadline: {"error": "..."}'},
+    },
     "openapi_extra": {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": InferenceRequest.model_json_schema()}},
+            "content": {"application/json": {"schema": request_schema()}},
         }
     },
 }

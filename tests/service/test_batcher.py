@@ -193,7 +193,7 @@ async def test_a_request_that_waits_too_long_times_out_and_leaves_the_queue() ->
     batcher = await started(Batcher(model, max_batch_size=1, max_batch_wait_s=0.0, observer=observer))
     running = asyncio.create_task(batcher.submit(images(0.1), 5))
     await asyncio.sleep(0.01)
-    with pytest.raises(InferenceTimeout, match=r"no result within 0\.05 s"):
+    with pytest.raises(InferenceTimeout, match=r"no result within the request.s deadline of 0\.05 s"):
         await batcher.submit(images(0.2, 0.3), 0.05)
     assert batcher.queue_depth == 0
     assert observer.rejections == ["timeout"]

@@ -211,7 +211,7 @@ def test_request_timeout_answers_504() -> None:
     with build_client(settings, model=SlowNet()) as client:
         response = client.post("/v1/predict", json={"pixels": grid(0.1)})
     assert response.status_code == 504
-    assert "no result within 0.05 s" in response.json()["message"]
+    assert "deadline of 0.05 s" in response.json()["message"]
 
 
 # --- POST /v1/predict/image -------------------------------------------------------------
