@@ -63,9 +63,5 @@ class TokenCheck:
             )
 
 
-async def require_api_token(request: Request, state: State) -> None:
-    state.api_auth.verify(request.headers.get("authorization"))
-
-
 async def require_admin_token(request: Request, state: State) -> None:
     state.admin_auth.verify(request.headers.get("authorization"))
