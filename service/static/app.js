@@ -210,6 +210,11 @@
     sequence += 1;
   }
 
+  function updateBusy() {
+    // Busy while a request is in flight or a newer drawing (e.g. the end of a stroke) waits to be sent.
+    result.setAttribute("aria-busy", inFlight || wanted ? "true" : "false");
+  }
+
   function forgetPrediction() {
     discardAnswersInFlight();
     wanted = false;
@@ -218,6 +223,7 @@
       clearTimeout(timer);
       timer = null;
     }
+    updateBusy();
     showNoPrediction();
   }
 
@@ -227,6 +233,7 @@
     }
     wanted = true;
     urgent = urgent || strokeEnded;
+    updateBusy();
     scheduleSend();
   }
 
@@ -247,6 +254,10 @@
   function send() {
     timer = null;
     if (!wanted || inFlight || strokes.length === 0) {
+      if (strokes.length === 0) {
+        wanted = false;
+      }
+      updateBusy();
       return;
     }
     wanted = false;
@@ -255,7 +266,7 @@
     lastSentAt = performance.now();
     sequence += 1;
     const id = sequence;
-    result.setAttribute("aria-busy", "true");
+    updateBusy();
     if (frame !== null) {
       cancelAnimationFrame(frame); // send what has been drawn, not what was on screen a frame ago
       frame = null;
@@ -264,8 +275,7 @@
     pad.toBlob((blob) => {
       predict(blob, id).finally(() => {
         inFlight = false;
-        // Still busy while a newer drawing (e.g. the end of the stroke) waits to be sent.
-        result.setAttribute("aria-busy", wanted ? "true" : "false");
+        updateBusy();
         scheduleSend();
       });
     }, "image/png");
