@@ -26,6 +26,7 @@ from service.predictor import Predictor
 from service.reload import Reloader, prepare_configured
 from service.routes import admin, health, metrics, model, predict, v2
 from service.state import ServingState
+from trainer.artifact import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,12 @@ async def _start(state: ServingState, predictor: Predictor | None) -> None:
     settings = state.settings
     if predictor is None:
         # Load, verify, vet and warm the configured version; seconds of work off the event loop.
-        predictor = await asyncio.to_thread(prepare_configured, settings)
+        try:
+            predictor = await asyncio.to_thread(prepare_configured, settings)
+        except ArtifactError as exc:
+            # One clear line naming the file and the problem (uvicorn's traceback follows it).
+            log.error("refusing to start: %s", exc)
+            raise
         state.reloader = Reloader(state)
     else:
         await asyncio.to_thread(predictor.warm_up, settings.max_batch_size)

@@ -1,10 +1,7 @@
 """Hostile input against a real server: each gets a clear 4xx in bounded time, and the server keeps serving."""
 
 import io
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,31 +10,15 @@ import httpx2
 import pytest
 from PIL import Image
 
+from tests.service.live import running_service
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "DIGIT_PORT": str(port), "DIGIT_BODY_TIMEOUT_S": "1", "DIGIT_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx2.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_service({"DIGIT_BODY_TIMEOUT_S": "1", "DIGIT_LOG_LEVEL": "warning"}) as service:
+        yield service.base_url
 
 
 def still_serving(base: str) -> None:

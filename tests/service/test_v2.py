@@ -4,6 +4,7 @@ import json
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 from service.config import Settings
 from tests.helpers import MeanIntensityNet
 from tests.service.conftest import build_client
+from tests.service.live import running_service
 
 
 def infer_body(images: np.ndarray, datatype: str = "FP32", shape: list[int] | None = None, **extra: object) -> dict:
@@ -267,35 +269,9 @@ def test_v2_requests_share_batches_and_metrics_with_v1() -> None:
 
 
 @pytest.fixture(scope="module")
-def live_server():
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import httpx2
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "DIGIT_PORT": str(port), "DIGIT_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=repo, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx2.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError("server did not become ready")
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def live_server() -> Iterator[str]:
+    with running_service({"DIGIT_LOG_LEVEL": "warning"}) as service:
+        yield service.base_url.removeprefix("http://")
 
 
 @pytest.mark.dataset
