@@ -27,6 +27,7 @@ router = APIRouter(prefix="/v1", tags=["prediction"])
 
 INLINE_PIXELS = 512 * 512  # larger images are preprocessed on a worker thread, off the event loop
 INLINE_BODY_BYTES = 256 * 1024  # larger JSON bodies are validated on a worker thread
+BLANK_LEVEL = 0.05  # a 28x28 array with no pixel this bright holds no digit
 IMAGE_TYPES = sorted(set(ALLOWED_FORMATS.values()))
 
 _COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -191,6 +192,9 @@ def _decode_pixels(body: bytes, settings: Settings) -> tuple[PredictRequest, lis
             except NoDigitFound as exc:
                 images.append(exc.message)
                 continue
+        elif float(array.max()) < BLANK_LEVEL:
+            images.append("no digit found: the image is blank")  # an answer, not a guess
+            continue
         images.append(array)
     return payload, images
 

@@ -87,6 +87,15 @@ def test_preprocess_accepts_a_canvas_sized_array_of_either_polarity(client: Test
     assert np.abs(seen_light - seen_dark).max() < 1e-3
 
 
+def test_blank_pixels_say_no_digit_found_instead_of_guessing(client: TestClient) -> None:
+    response = client.post("/v1/predict", json={"instances": [grid(0.0), grid(0.5), flat(0.01)]})
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [p["digit"] for p in predictions] == [None, 5, None]
+    assert predictions[0]["detail"] == "no digit found: the image is blank"
+    assert response.headers["X-Batch-Size"] == "1"  # only the real image reached the model
+
+
 def test_preprocess_blank_canvas_says_no_digit_found(client: TestClient) -> None:
     response = client.post("/v1/predict", json={"pixels": [[1.0] * 100] * 100, "preprocess": True})
     assert response.status_code == 200
