@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -48,6 +50,19 @@ class MeanIntensityNet(nn.Module):
         level = x.mean(dim=(1, 2, 3)) * 10.0
         digits = torch.arange(10, dtype=x.dtype, device=x.device)
         return -(level.unsqueeze(1) - digits.unsqueeze(0)).abs() * 8.0
+
+
+class SlowNet(nn.Module):
+    """MeanIntensityNet that takes `delay_s` per forward pass: a model the queue can back up behind."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.inner = MeanIntensityNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.inner(x)
 
 
 class ExplodingNet(nn.Module):

@@ -33,16 +33,20 @@ from trainer.__main__ import build_parser
 ARTIFACTS_TARGET = "/var/lib/digit/artifacts"
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
-def test_compose_file_matches_the_compose_specification(path: Path) -> None:
+def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
     # check-jsonschema bundles the Compose specification's JSON schema (vendor.compose-spec).
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+def test_compose_file_matches_the_compose_specification(path: Path) -> None:
+    result = check_compose_schema(path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -50,13 +54,7 @@ def test_the_schema_check_catches_mistakes(tmp_path: Path) -> None:
     broken = compose() | {"services": {"api": {"image": "x", "depends_on": {"trainer": {"condition": "done"}}}}}
     path = tmp_path / "docker-compose.yml"
     path.write_text(yaml.safe_dump(broken), encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = check_compose_schema(path)
     assert result.returncode == 1, result.stdout + result.stderr
 
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from torch import nn
 
 from service.config import Settings
-from tests.helpers import ExplodingNet, MeanIntensityNet
+from tests.helpers import ExplodingNet, SlowNet
 from tests.service.conftest import build_client
 from tests.service.images import draw_seven, encode, png
 
@@ -182,19 +181,9 @@ def test_model_failure_is_a_500_naming_it_and_the_service_recovers() -> None:
         assert client.post("/v1/predict", json={"pixels": grid(0.2)}).json()["digit"] == 2
 
 
-class SlowNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = MeanIntensityNet()
-
-    def forward(self, x):
-        time.sleep(0.3)
-        return self.inner(x)
-
-
 def test_full_queue_answers_429_with_retry_after() -> None:
     settings = Settings(queue_limit=1, max_instances=1, max_files=1, max_batch_size=1, max_batch_wait_ms=0)
-    with build_client(settings, model=SlowNet()) as client:
+    with build_client(settings, model=SlowNet(0.3)) as client:
         statuses: list[int] = []
         headers: list[dict[str, str]] = []
 
@@ -217,7 +206,7 @@ def test_full_queue_answers_429_with_retry_after() -> None:
 
 def test_request_timeout_answers_504() -> None:
     settings = Settings(request_timeout_s=0.05, max_batch_wait_ms=0)
-    with build_client(settings, model=SlowNet()) as client:
+    with build_client(settings, model=SlowNet(0.3)) as client:
         response = client.post("/v1/predict", json={"pixels": grid(0.1)})
     assert response.status_code == 504
     assert "deadline of 0.05 s" in response.json()["message"]
@@ -394,7 +383,7 @@ def test_bad_file_among_several_is_named_by_position(client: TestClient) -> None
 
 
 def test_client_deadline_header_is_honoured() -> None:
-    with build_client(Settings(max_batch_wait_ms=0, request_timeout_s=10), model=SlowNet()) as client:
+    with build_client(Settings(max_batch_wait_ms=0, request_timeout_s=10), model=SlowNet(0.3)) as client:
         started = time.monotonic()
         response = client.post("/v1/predict", json={"pixels": grid(0.1)}, headers={"X-Request-Timeout": "0.05"})
         assert response.status_code == 504

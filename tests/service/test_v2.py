@@ -9,10 +9,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from torch import nn
 
 from service.config import Settings
-from tests.helpers import MeanIntensityNet
+from tests.helpers import SlowNet
 from tests.service.conftest import build_client
 from tests.service.live import running_service
 
@@ -229,19 +228,9 @@ def test_too_many_images_is_refused() -> None:
     assert "3 images is over the limit of 2" in response.json()["error"]
 
 
-class SlowNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = MeanIntensityNet()
-
-    def forward(self, x):
-        time.sleep(0.2)
-        return self.inner(x)
-
-
 def test_v2_requests_share_batches_and_metrics_with_v1() -> None:
     settings = Settings(max_batch_size=8, max_batch_wait_ms=0)
-    with build_client(settings, model=SlowNet()) as client:
+    with build_client(settings, model=SlowNet(0.2)) as client:
         batch_sizes: dict[str, str] = {}
 
         def call(name: str, path: str, body: dict) -> None:
