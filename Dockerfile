@@ -47,6 +47,7 @@ RUN set -eu; \
     rm /tmp/requirements.txt /tmp/torch.txt
 
 COPY README.md ./
+COPY model_artifact ./model_artifact
 COPY service ./service
 COPY trainer ./trainer
 RUN pip install --no-deps . && pip check

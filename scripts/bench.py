@@ -29,7 +29,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.artifact import load_model, resolve_version_dir  # noqa: E402
+from model_artifact import load_model, resolve_version_dir  # noqa: E402
 from trainer.data import load_mnist  # noqa: E402
 
 

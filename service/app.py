@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
+from model_artifact import ArtifactError
 from service import __version__
 from service.auth import TokenCheck, read_tokens, require_admin_token
 from service.batcher import Batcher
@@ -26,7 +27,6 @@ from service.predictor import Predictor
 from service.reload import Reloader, prepare_configured
 from service.routes import admin, health, metrics, model, predict, v2
 from service.state import ServingState
-from trainer.artifact import ArtifactError
 
 log = logging.getLogger(__name__)
 

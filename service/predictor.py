@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from trainer.artifact import ArtifactMetadata
+from model_artifact import ArtifactMetadata
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model_artifact import ArtifactError, InputSpec, OutputSpec, list_versions, load_model, resolve_version_dir
 from service.config import Settings
 from service.predictor import Predictor, pick_device
 from service.state import ServingState
-from trainer.artifact import ArtifactError, InputSpec, OutputSpec, list_versions, load_model, resolve_version_dir
 
 log = logging.getLogger(__name__)
 

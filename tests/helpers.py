@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from trainer.artifact import ArtifactMetadata, Evaluation, utc_now
+from model_artifact import ArtifactMetadata, Evaluation, utc_now
 
 
 def make_metadata(

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from trainer.artifact import ArtifactError, find_valid_version, resolve_version_dir
+from model_artifact import ArtifactError, find_valid_version, resolve_version_dir
 from trainer.config import TrainConfig
 from trainer.data import DATA_DIR_ENV, DataError, fetch_mnist, load_mnist
 

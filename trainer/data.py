@@ -25,6 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
+from model_artifact.store import sha256_file
+
 log = logging.getLogger(__name__)
 
 # SHA-256 of the uncompressed files, as published with the original data set.
@@ -56,14 +58,6 @@ def default_data_dir() -> Path:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _maybe_gunzip(data: bytes) -> bytes:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.artifact import ArtifactError, ArtifactMetadata, load_model
+from model_artifact import ArtifactError, ArtifactMetadata, load_model
 from trainer.data import Split
 
 log = logging.getLogger(__name__)

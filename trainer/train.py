@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from trainer.artifact import (
+from model_artifact import (
     ArtifactError,
     ArtifactMetadata,
     EpochRecord,

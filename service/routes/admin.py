@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
+from model_artifact import ArtifactError
 from service.auth import require_admin_token
 from service.errors import ErrorBody, ServiceError
 from service.reload import ReloadRefused
 from service.state import State
-from trainer.artifact import ArtifactError
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
 

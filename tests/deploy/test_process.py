@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from model_artifact import find_valid_version, list_versions
 from tests.deploy.files import (
     ARTIFACTS,
     SEED_SCRIPT,
@@ -19,7 +20,6 @@ from tests.deploy.files import (
     python_command,
 )
 from tests.deploy.processes import ServiceProcess, free_port, get, start, stop, stopped_cleanly
-from trainer.artifact import find_valid_version, list_versions
 
 MODEL_NAME = base_config()["DIGIT_MODEL_NAME"]
 

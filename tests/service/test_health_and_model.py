@@ -6,10 +6,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from model_artifact import ArtifactError, ArtifactMetadata
 from service.app import create_app
 from service.config import Settings
 from tests.service.conftest import build_client
-from trainer.artifact import ArtifactError, ArtifactMetadata
 
 REPO = Path(__file__).resolve().parents[2]
 

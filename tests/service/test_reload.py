@@ -11,10 +11,10 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from model_artifact import ArtifactError, ArtifactMetadata, read_metadata, save_torchscript, write_artifact
 from service.app import create_app
 from service.config import Settings
 from tests.helpers import MeanIntensityNet
-from trainer.artifact import ArtifactError, ArtifactMetadata, read_metadata, save_torchscript, write_artifact
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "artifacts" / "mnist-cnn" / "1"

@@ -5,8 +5,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tests.helpers import make_metadata
-from trainer.artifact import (
+from model_artifact import (
     METADATA_FILE,
     MODEL_FILE,
     ArtifactError,
@@ -17,6 +16,7 @@ from trainer.artifact import (
     save_torchscript,
     write_artifact,
 )
+from tests.helpers import make_metadata
 from trainer.model import DigitNet, ExportedModel
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.artifact import list_versions, load_model, resolve_version_dir
-from trainer.data import load_mnist, sha256_file
+from model_artifact import list_versions, load_model, resolve_version_dir, sha256_file
+from trainer.data import load_mnist
 from trainer.evaluate import ACCURACY_TOLERANCE, images_to_tensor, predict_logits, score
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"

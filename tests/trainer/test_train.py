@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from model_artifact import list_versions, quiet_torchscript
 from tests.trainer.idx import checksums, synthetic_mnist_files
 from trainer.__main__ import main
-from trainer.artifact import list_versions, quiet_torchscript
 from trainer.config import TrainConfig
 from trainer.data import Mnist, Split, fetch_mnist, load_mnist
 from trainer.evaluate import fit_temperature, write_report

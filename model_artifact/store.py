@@ -1,107 +1,32 @@
-"""The model artifact: `<root>/<name>/<version>/{model.pt, metadata.json}`.
-
-This module is the contract between the trainer (which writes artifacts) and the service
-(which reads them): the metadata schema, atomic versioned writing, checksum verification
-and the one function that loads a model file.
-"""
+"""Versioned artifact directories: find, verify and atomically publish `<root>/<name>/<version>/`."""
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from trainer.data import sha256_file
-
-SCHEMA_VERSION = 1
-MODEL_FILE = "model.pt"
-METADATA_FILE = "metadata.json"
-_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+from model_artifact.schema import METADATA_FILE, MODEL_FILE, NAME_PATTERN, ArtifactMetadata
 
 
 class ArtifactError(Exception):
     """An artifact is missing, unreadable, tampered with or inconsistent."""
 
 
-class InputSpec(BaseModel):
-    shape: list[int | None] = Field(default=[None, 1, 28, 28], description="None is the batch dimension")
-    dtype: Literal["float32"] = "float32"
-    range: tuple[float, float] = (0.0, 1.0)
-    polarity: Literal["white-on-black"] = "white-on-black"
-    layout: str = "NCHW; normalisation is applied inside the model"
-
-
-class OutputSpec(BaseModel):
-    shape: list[int | None] = Field(default=[None, 10])
-    dtype: Literal["float32"] = "float32"
-    kind: Literal["logits"] = "logits"
-
-
-class EpochRecord(BaseModel):
-    member: int = 0  # which network of an ensemble
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    seconds: float
-
-
-class Evaluation(BaseModel):
-    test_accuracy: float = Field(description="fraction correct on the official 10k test set")
-    test_loss: float
-    per_class_accuracy: list[float] = Field(min_length=10, max_length=10)
-    confusion_matrix: list[list[int]] = Field(description="rows: true digit, columns: predicted digit")
-    val_accuracy: float
-    val_ece_before: float = Field(description="expected calibration error on validation, T=1")
-    val_ece_after: float = Field(description="expected calibration error on validation, fitted T")
-
-
-class ArtifactMetadata(BaseModel):
-    """Everything needed to use, verify and reproduce a model artifact."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    schema_version: Literal[1] = SCHEMA_VERSION
-    name: str = Field(pattern=_NAME_PATTERN)
-    version: int = Field(ge=1)
-    created_at: datetime
-    torch_version: str
-    format: Literal["torchscript"] = "torchscript"
-    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    parameters: int
-    architecture: dict[str, Any]
-    input: InputSpec = InputSpec()
-    output: OutputSpec = OutputSpec()
-    labels: list[str] = Field(default=[str(d) for d in range(10)], min_length=10, max_length=10)
-    temperature: float = Field(gt=0, description="divide logits by this before softmax")
-    evaluation: Evaluation
-    training: dict[str, Any] = Field(description="config, seed, command, duration and history")
-    history: list[EpochRecord] = []
-    dataset_sha256: dict[str, str]
-    git_commit: str | None = None
-
-
-# --- loading ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def quiet_torchscript() -> Iterator[None]:
-    """torch.jit is deprecated in torch 2.13 but is the artifact format our users asked for."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
-        yield
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_metadata(version_dir: Path) -> ArtifactMetadata:
@@ -122,19 +47,6 @@ def verify_model_file(version_dir: Path, metadata: ArtifactMetadata) -> Path:
     if actual != metadata.model_sha256:
         raise ArtifactError(f"{path}: SHA-256 mismatch (metadata says {metadata.model_sha256}, file is {actual})")
     return path
-
-
-def load_model(version_dir: Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ArtifactMetadata]:
-    """Read metadata, verify the model file's checksum, and load it. The one loader."""
-    metadata = read_metadata(version_dir)
-    path = verify_model_file(version_dir, metadata)
-    try:
-        with quiet_torchscript():
-            model = torch.jit.load(str(path), map_location=map_location)
-    except Exception as exc:  # torch raises RuntimeError and friends for corrupt archives
-        raise ArtifactError(f"{path}: cannot be loaded as TorchScript: {exc}") from exc
-    model.eval()
-    return model, metadata
 
 
 def list_versions(root: Path, name: str) -> list[int]:
@@ -167,22 +79,6 @@ def find_valid_version(root: Path, name: str) -> Path | None:
     return None
 
 
-# --- writing ---------------------------------------------------------------------------
-
-
-def save_torchscript(module: torch.nn.Module, path: Path, example: torch.Tensor) -> None:
-    """Script and freeze the module (BatchNorm folds into the convolutions) and save it.
-    Tracing is the fallback for modules that scripting can't handle."""
-    module = module.eval()
-    with quiet_torchscript():
-        try:
-            scripted = torch.jit.script(module)
-        except Exception:  # noqa: BLE001 - tracing is the documented fallback
-            scripted = torch.jit.trace(module, example)
-        frozen = torch.jit.freeze(scripted)
-        torch.jit.save(frozen, str(path))
-
-
 def write_artifact(
     root: Path,
     name: str,
@@ -197,7 +93,7 @@ def write_artifact(
     `write_model(path)` writes model.pt; `build_metadata(version, sha256)` makes metadata;
     `verify(directory)` may check the written files and raise before anything is published.
     """
-    if not re.match(_NAME_PATTERN, name):
+    if not re.match(NAME_PATTERN, name):
         raise ArtifactError(f"invalid model name {name!r}")
     model_dir = Path(root) / name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +148,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
