@@ -49,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     test = load_mnist().test
     items = drawings(test.images, test.labels, args.count, args.seed)
-    app = create_app(Settings(artifact_dir=REPO / "artifacts"), registry=CollectorRegistry())
+    app = create_app(Settings(artifact_dir=REPO / "artifacts"), metrics_registry=CollectorRegistry())
     with TestClient(app) as client:
         predicted = predict_all(
             lambda png: client.post("/v1/predict/image", content=png, headers={"Content-Type": "image/png"}), items

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 import uvicorn
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.config import Settings, unknown_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.server import GracefulServer
 
     configure_logging(settings.log_level, settings.log_format)
+    for warning in unknown_settings(os.environ):
+        logging.getLogger("service").warning("%s", warning)
     try:
         app = create_app(settings)
     except ValueError as exc:  # e.g. a token file that cannot be read
@@ -41,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_config=None,
-        access_log=True,
+        access_log=False,  # the service writes its own, with request IDs and without probes
         # In-flight requests get their full timeout to finish once the listener has closed.
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
-    server = GracefulServer(config, app.state.serving, settings.shutdown_delay_s)
+    server = GracefulServer(config, app.state.lifecycle, settings.shutdown_delay_s)
     server.run()
     return 0 if server.started else 3  # 3: start-up failed (uvicorn's convention); the log says why
 

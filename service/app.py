@@ -1,4 +1,10 @@
-"""The app factory and its lifespan: load, verify and warm the model, run the batcher."""
+"""The app factory and its lifespan: load, verify and warm the model, run the batcher.
+
+The collaborators, each in a module of its own:
+    ModelRegistry (which model new requests get) -> Pipeline (decode, preprocess, batch, calibrate)
+    -> Batcher (one forward pass for many requests) -> Predictor (the model on its device);
+    Reloader installs vetted versions in the registry; Lifecycle answers the probes.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -17,16 +23,20 @@ from prometheus_client import CollectorRegistry
 
 from model_artifact import ArtifactError
 from service import __version__
-from service.auth import TokenCheck, read_tokens, require_admin_token
+from service.auth import AdminAuth, TokenCheck, read_tokens
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
+from service.lifecycle import Lifecycle
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware, SecurityHeadersMiddleware
+from service.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, ObservingMiddleware, SecurityHeadersMiddleware
+from service.model_registry import ModelRegistry
+from service.pipeline import Pipeline
 from service.predictor import Predictor
 from service.reload import Reloader, prepare_configured
-from service.routes import admin, health, metrics, model, predict, v2
-from service.state import ServingState
+from service.routes import admin, health, model, predict, v2
+from service.routes import metrics as metrics_route
+from service.routes.http import TIMEOUT_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +51,8 @@ Recognises handwritten digits with a CNN trained on MNIST.
 * `/v2/...`: the Open Inference Protocol (KServe v2 REST), with the binary tensor data extension.
 
 Concurrent requests share forward passes (dynamic batching). Every error is JSON:
-`{"error": "<code>", "message": "<what went wrong>"}`.
+`{"error": "<code>", "message": "<what went wrong>"}`. Every response carries an `X-Request-ID`
+(the client's, or a new one).
 """
 
 
@@ -49,30 +60,46 @@ def create_app(
     settings: Settings | None = None,
     *,
     predictor: Predictor | None = None,
-    registry: CollectorRegistry | None = None,
+    batcher: Batcher | None = None,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """Build the app. Tests pass a small `predictor` and a fresh `registry`; otherwise the
-    lifespan loads the artifact that `settings` names."""
+    """Build the app. Tests pass a small `predictor` (and may pass a `batcher`) and a fresh
+    `metrics_registry`; otherwise the lifespan loads the artifact that `settings` names."""
     settings = settings or Settings()
-    state = ServingState(
-        settings=settings,
-        metrics=Metrics(registry),
-        api_auth=TokenCheck(read_tokens(settings.api_tokens, settings.api_tokens_file), "predictions"),
-        admin_auth=TokenCheck(read_tokens(settings.admin_tokens, settings.admin_tokens_file), "admin"),
+    metrics = Metrics(metrics_registry)
+    batcher = batcher or Batcher(
+        max_batch_size=settings.max_batch_size,
+        max_batch_wait_s=settings.max_batch_wait_s,
+        queue_limit=settings.queue_limit,
+        observer=metrics,
+    )
+    pipeline = Pipeline(batcher, metrics, request_timeout_s=settings.request_timeout_s)
+    batcher.on_the_way = lambda: pipeline.on_the_way
+    models = ModelRegistry(on_install=lambda m: metrics.serving(m.name, m.version))
+    lifecycle = Lifecycle(models, batcher)
+    reloader = (
+        Reloader(settings, lambda: models.model, models.install, on_outcome=metrics.reloaded)
+        if predictor is None
+        else None
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await _start(state, predictor)
+        await _start(settings, models, batcher, predictor)
         watcher = None
-        if state.reloader is not None and settings.reload_interval_s > 0 and settings.model_version is None:
-            watcher = asyncio.create_task(state.reloader.watch(settings.reload_interval_s), name="model-watcher")
+        if reloader is not None and settings.reload_interval_s > 0 and settings.model_version is None:
+            watcher = asyncio.create_task(
+                reloader.watch(settings.reload_interval_s, paused=lambda: lifecycle.draining), name="model-watcher"
+            )
         try:
             yield
         finally:
+            lifecycle.draining = True
             if watcher is not None:
                 watcher.cancel()
-            await _stop(state)
+            await batcher.stop(drain_timeout_s=settings.request_timeout_s)
+            pipeline.close()
+            log.info("stopped")
 
     # FastAPIOffline: the same FastAPI app, with /docs and /redoc served from bundled assets
     # instead of a public CDN, so the API documentation works on air-gapped deployments.
@@ -82,13 +109,19 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    app.state.serving = state
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.models = models
+    app.state.pipeline = pipeline
+    app.state.lifecycle = lifecycle
+    app.state.reloader = reloader
+    app.state.api_auth = TokenCheck(read_tokens(settings.api_tokens, settings.api_tokens_file), "predictions")
+    app.state.admin_auth = TokenCheck(read_tokens(settings.admin_tokens, settings.admin_tokens_file), "admin")
     install_error_handlers(app)
     for router in (predict.router, model.router, health.router, v2.router, admin.router):
         app.include_router(router)
     if settings.metrics_enabled:
-        guard = [Depends(require_admin_token)] if settings.metrics_require_token else []
-        app.include_router(metrics.router, dependencies=guard)
+        app.include_router(metrics_route.router, dependencies=[AdminAuth] if settings.metrics_require_token else [])
     if STATIC_DIR.is_dir():
         # The page's assets live under /static and the page itself is a route of its own: a
         # mount at "/" would swallow wrong-method API calls (404 instead of 405).
@@ -102,21 +135,20 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
     )
-    app.add_middleware(RequestMetricsMiddleware, state=state)
+    app.add_middleware(ObservingMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Authorization"],
-            expose_headers=["X-Model-Version", "X-Batch-Size", "Server-Timing"],
+            allow_headers=["Content-Type", "Authorization", TIMEOUT_HEADER, REQUEST_ID_HEADER],
+            expose_headers=["X-Model-Version", "X-Batch-Size", "Server-Timing", "Retry-After", REQUEST_ID_HEADER],
         )
     return app
 
 
-async def _start(state: ServingState, predictor: Predictor | None) -> None:
-    settings = state.settings
+async def _start(settings: Settings, models: ModelRegistry, batcher: Batcher, predictor: Predictor | None) -> None:
     if predictor is None:
         # Load, verify, vet and warm the configured version; seconds of work off the event loop.
         try:
@@ -125,26 +157,8 @@ async def _start(state: ServingState, predictor: Predictor | None) -> None:
             # One clear line naming the file and the problem (uvicorn's traceback follows it).
             log.error("refusing to start: %s", exc)
             raise
-        state.reloader = Reloader(state)
     else:
         await asyncio.to_thread(predictor.warm_up, settings.max_batch_size)
-    batcher = Batcher(
-        predictor,
-        max_batch_size=settings.max_batch_size,
-        max_batch_wait_s=settings.max_batch_wait_s,
-        queue_limit=settings.queue_limit,
-        observer=state.metrics,
-        on_the_way=state.on_the_way,
-    )
     await batcher.start()
-    state.predictor, state.batcher = predictor, batcher
-    state.metrics.serving(predictor.name, predictor.version)
-    state.loaded = True
+    models.install(predictor)
     log.info("ready: serving %s v%s on %s", predictor.name, predictor.version, predictor.device)
-
-
-async def _stop(state: ServingState) -> None:
-    state.shutting_down = True
-    if state.batcher is not None:
-        await state.batcher.stop(drain_timeout_s=state.settings.request_timeout_s)
-    log.info("stopped")

@@ -1,7 +1,10 @@
-"""Optional bearer-token access control: one token set for prediction routes, one for admin routes.
+"""Bearer-token access control as FastAPI security dependencies (shown in the OpenAPI document).
 
-Tokens come from settings or from a file (one per line, e.g. a mounted Kubernetes Secret) and
-are compared in constant time. An empty set means the routes are open (the local demo).
+Prediction routes: open when no API tokens are configured (the local demo), else a valid
+token is required. Admin routes (reload, and /metrics when so configured): closed unless
+admin tokens are configured; an admin route with no token to check is refused, not opened.
+Tokens come from settings or from a file (one per line, e.g. a mounted Kubernetes Secret)
+and are compared in constant time.
 """
 
 from __future__ import annotations
@@ -9,16 +12,22 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import ServiceError
-from service.state import State
 
 
 class Unauthorized(ServiceError):
     status_code = 401
     code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+    code = "forbidden"
 
 
 def read_tokens(inline: Iterable[str], file: Path | None) -> frozenset[str]:
@@ -42,17 +51,14 @@ class TokenCheck:
     def enabled(self) -> bool:
         return bool(self._tokens)
 
-    def verify(self, authorization: str | None) -> None:
-        """Raise Unauthorized unless the header carries one of the tokens (or none are configured)."""
-        if not self._tokens:
-            return
-        scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
+    def verify(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        """Raise Unauthorized unless the credentials carry one of the tokens."""
+        if credentials is None or not credentials.credentials.strip():
             raise Unauthorized(
                 f"this route needs a bearer token: send 'Authorization: Bearer <token>' ({self.realm})",
                 headers={"WWW-Authenticate": f'Bearer realm="{self.realm}"'},
             )
-        candidate = presented.strip().encode()
+        candidate = credentials.credentials.strip().encode()
         matched = False
         for token in self._tokens:  # compare with every token: timing says nothing about which
             matched |= hmac.compare_digest(candidate, token)
@@ -63,5 +69,27 @@ class TokenCheck:
             )
 
 
-async def require_admin_token(request: Request, state: State) -> None:
-    state.admin_auth.verify(request.headers.get("authorization"))
+# auto_error=False: a missing or malformed header reaches our check, which answers in our error format.
+_api_bearer = HTTPBearer(
+    scheme_name="api_token", description="needed when the service has API tokens configured", auto_error=False
+)
+_admin_bearer = HTTPBearer(scheme_name="admin_token", description="admin routes need an admin token", auto_error=False)
+
+Credentials = HTTPAuthorizationCredentials | None
+
+
+async def require_api_token(request: Request, credentials: Annotated[Credentials, Depends(_api_bearer)]) -> None:
+    check: TokenCheck = request.app.state.api_auth
+    if check.enabled:
+        check.verify(credentials)
+
+
+async def require_admin_token(request: Request, credentials: Annotated[Credentials, Depends(_admin_bearer)]) -> None:
+    check: TokenCheck = request.app.state.admin_auth
+    if not check.enabled:
+        raise Forbidden("admin routes are disabled: configure DIGIT_ADMIN_TOKENS or DIGIT_ADMIN_TOKENS_FILE")
+    check.verify(credentials)
+
+
+ApiAuth = Depends(require_api_token)
+AdminAuth = Depends(require_admin_token)

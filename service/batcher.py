@@ -1,15 +1,15 @@
 """Dynamic batching: coalesce concurrent requests' images into one forward pass.
 
-Callers `submit` a tensor of k images and await their k rows of logits. One collector task
+Callers `submit` a tensor of k images together with the model that must compute them, and
+await their k rows of logits. The batcher knows nothing of HTTP or of which model is
+"current": the caller resolved its model once and carries it here. One collector task
 gathers queued images into batches of at most `max_batch_size`, waiting at most
 `max_batch_wait_s` for a batch to fill, and runs the model on one dedicated worker thread
 so the event loop never blocks on torch. A request's images may span several batches and
-share them with other requests. Every request owns its future: a caller that times out or
-is cancelled only withdraws its own images, and a model error fails only that batch.
-
-`swap()` replaces the model without downtime: each request is pinned to the model current
-when it was submitted and batches never mix models, so work already queued finishes on the
-old model and every result says which model computed it.
+share them with other requests of the same model; batches never mix models, so work queued
+before a hot reload finishes on the model it was submitted with. Every request owns its
+future: a caller that times out or is cancelled only withdraws its own images, and a model
+error fails only that batch.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ class BatchObserver(Protocol):
 @dataclass(frozen=True)
 class BatchResult:
     logits: torch.Tensor  # [k, 10], CPU
-    served_by: InferFn  # the model that computed them
     queue_s: float  # longest time one of its images waited for a batch
     inference_s: float  # forward-pass time of the batches it took part in
     batch_size: int  # the largest batch it took part in
@@ -58,7 +57,7 @@ class _Pending:
     images: torch.Tensor
     future: asyncio.Future[BatchResult]
     enqueued_at: float
-    infer: InferFn  # pinned at submission
+    infer: InferFn  # the model the caller resolved
     logits: torch.Tensor = field(init=False)
     next_index: int = 0  # first image not yet taken into a batch
     done_images: int = 0
@@ -84,7 +83,6 @@ class _Piece:
 class Batcher:
     def __init__(
         self,
-        infer: InferFn,
         *,
         max_batch_size: int = 64,
         max_batch_wait_s: float = 0.002,
@@ -92,36 +90,26 @@ class Batcher:
         observer: BatchObserver | None = None,
         on_the_way: Callable[[], int] | None = None,
     ) -> None:
-        """`on_the_way()` counts requests already received but not yet submitted; when it
-        is zero there is nobody to wait for, so a lone request runs at once."""
+        """`on_the_way()` counts requests about to be submitted (their bodies are being decoded); when
+        it is zero there is nobody to wait for, so a lone request runs at once."""
         if max_batch_size < 1 or queue_limit < 1 or max_batch_wait_s < 0:
             raise ValueError("max_batch_size and queue_limit must be >= 1, max_batch_wait_s >= 0")
-        self._infer = infer
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
         self.queue_limit = queue_limit
         self._observer = observer
-        self._on_the_way = on_the_way or (lambda: 1)
+        self.on_the_way = on_the_way or (lambda: 1)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_images = 0
-        self._active_requests = 0  # submitted and not yet finished
         self._arrived = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._running: list[_Piece] = []  # the batch on the worker thread right now
         self._recent_rate = 0.0  # images per second, smoothed; for Retry-After
+        self.failure: BaseException | None = None  # why the collector died, if it did
 
     # --- lifecycle -----------------------------------------------------------------------
-
-    @property
-    def model(self) -> InferFn:
-        return self._infer
-
-    def swap(self, infer: InferFn) -> InferFn:
-        """Serve new requests with `infer`; queued and running work finishes on the old model."""
-        previous, self._infer = self._infer, infer
-        return previous
 
     @property
     def running(self) -> bool:
@@ -130,10 +118,6 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         return self._queued_images
-
-    @property
-    def active_requests(self) -> int:
-        return self._active_requests
 
     async def start(self) -> None:
         if self._task is not None:
@@ -192,17 +176,16 @@ class Batcher:
                 headers={"Retry-After": str(self._retry_after_s())},
             )
 
-    async def submit(self, images: torch.Tensor, timeout_s: float) -> BatchResult:
-        """Queue `images` [k, 1, 28, 28] and wait for their logits."""
+    async def submit(self, images: torch.Tensor, model: InferFn, timeout_s: float) -> BatchResult:
+        """Queue `images` [k, 1, 28, 28] for `model` and wait for their logits."""
         count = len(images)
         if count == 0:
             raise ValueError("no images to submit")
         self.admit(count, timeout_s)
         loop = asyncio.get_running_loop()
-        request = _Pending(images=images, future=loop.create_future(), enqueued_at=time.monotonic(), infer=self._infer)
+        request = _Pending(images=images, future=loop.create_future(), enqueued_at=time.monotonic(), infer=model)
         self._queue.append(request)
         self._queued_images += count
-        self._active_requests += 1
         self._report_depth()
         self._arrived.set()
         try:
@@ -216,8 +199,6 @@ class Batcher:
         except asyncio.CancelledError:
             self._withdraw(request)  # the client went away; its images leave the queue
             raise
-        finally:
-            self._active_requests -= 1
 
     def expected_wait_s(self, extra_images: int = 0) -> float:
         """How long new images would wait at the recent throughput; 0 before anything has run."""
@@ -229,7 +210,8 @@ class Batcher:
         """If the collector ever dies, fail its callers now rather than at their timeouts."""
         if task.cancelled() or task.exception() is None:
             return
-        log.error("the batcher's collector died; failing queued requests", exc_info=task.exception())
+        self.failure = task.exception()
+        log.error("the batcher's collector died; failing queued requests", exc_info=self.failure)
         self._fail_queued(ServiceUnavailable("the batcher stopped unexpectedly; try again shortly"))
 
     def _withdraw(self, request: _Pending) -> None:
@@ -264,7 +246,7 @@ class Batcher:
     async def _wait_for_company(self) -> None:
         deadline = time.monotonic() + self.max_batch_wait_s
         while self._queued_images < self.max_batch_size and not self._stopping:
-            if self._on_the_way() <= 0:
+            if self.on_the_way() <= 0:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -339,7 +321,7 @@ class Batcher:
             request.batch_size = max(request.batch_size, size)
             if request.done_images == len(request.images) and not request.future.done():
                 request.future.set_result(
-                    BatchResult(request.logits, model, request.queue_s, request.inference_s, request.batch_size)
+                    BatchResult(request.logits, request.queue_s, request.inference_s, request.batch_size)
                 )
 
     @staticmethod

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -31,7 +34,10 @@ class Settings(BaseSettings):
         10.0, ge=0, le=3600, description="how often to look for a newer model version, in s; 0: only on admin reload"
     )
     shutdown_delay_s: float = Field(
-        0.0, ge=0, le=300, description="after SIGTERM, keep answering (readiness 503, new work 503) this long first"
+        0.0,
+        ge=0,
+        le=300,
+        description="after SIGTERM, keep serving this long with readiness 503, so load balancers stop sending first",
     )
     max_instances: int = Field(256, ge=1, le=100_000, description="most images in one JSON request")
     max_files: int = Field(16, ge=1, le=1000, description="most images in one multipart upload")
@@ -49,7 +55,7 @@ class Settings(BaseSettings):
     )
     api_tokens_file: Path | None = Field(None, description="file of prediction tokens, one per line (a mounted Secret)")
     admin_tokens: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="bearer tokens for the admin routes (reload), comma-separated; empty: open"
+        default_factory=list, description="bearer tokens for the admin routes (reload), comma-separated; empty: closed"
     )
     admin_tokens_file: Path | None = Field(None, description="file of admin tokens, one per line (a mounted Secret)")
     metrics_require_token: bool = Field(False, description="require an admin token for /metrics too")
@@ -77,6 +83,8 @@ class Settings(BaseSettings):
                 f"queue_limit ({self.queue_limit}) must be at least max_instances and max_files ({largest_request}), "
                 "or a legal request could never be queued"
             )
+        if self.metrics_require_token and not (self.admin_tokens or self.admin_tokens_file):
+            raise ValueError("metrics_require_token needs admin tokens (admin_tokens or admin_tokens_file)")
         return self
 
     @property
@@ -87,3 +95,26 @@ class Settings(BaseSettings):
     def env_names(cls) -> dict[str, str]:
         """Field name -> environment variable, for docs and for the deployment files' tests."""
         return {name: f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields}
+
+
+# Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_8000_TCP... for every Service in the
+# namespace (a Service named digit-api gives DIGIT_API_*): not settings, and not misspellings.
+_SERVICE_LINK = re.compile(
+    r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)$"
+)
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """One warning per DIGIT_* variable that is no setting (a typo would otherwise be silently ignored),
+    naming the closest real one."""
+    known = Settings.env_names().values()
+    warnings = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in known or _SERVICE_LINK.match(name.upper()):
+            continue
+        # Compare what follows the prefix: the shared DIGIT_ would make everything look alike.
+        suffixes = [known_name.removeprefix(ENV_PREFIX) for known_name in known]
+        close = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.75)
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        warnings.append(f"{name} is not a setting and is ignored{hint}")
+    return warnings

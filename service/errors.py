@@ -45,11 +45,6 @@ class BadRequest(ServiceError):
     code = "bad_request"
 
 
-class NoDigitFound(ServiceError):
-    status_code = 422
-    code = "no_digit_found"
-
-
 class PayloadTooLarge(ServiceError):
     status_code = 413
     code = "payload_too_large"
@@ -92,9 +87,20 @@ def error_response(
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
-def _describe_validation_error(error: dict[str, Any]) -> str:
-    location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
-    return f"{location}: {error.get('msg', 'invalid')}"
+def describe_validation(errors: list[Any], limit: int = 20) -> tuple[str, list[dict[str, Any]]]:
+    """One summary line and per-field details for pydantic's validation errors; the one formatter
+    for /v1 bodies, query parameters and /v2 requests alike."""
+    # For a union (rows or flat list) the branch that does not fit the input's shape only says
+    # "should be a valid list"; the other branch names the real problem.
+    errors = [e for e in errors if e.get("type") != "list_type"] or errors
+    details = []
+    for error in errors[:limit]:
+        parts = [str(p) for p in error.get("loc", ()) if p != "body" and (isinstance(p, int) or str(p).isidentifier())]
+        details.append({"field": ".".join(parts) or "body", "problem": error.get("msg", "invalid")})
+    if not details:
+        return "invalid request", []
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{details[0]['field']}: {details[0]['problem']}{more}", details
 
 
 async def _service_error(_: Request, exc: Exception) -> JSONResponse:
@@ -109,13 +115,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(400, "malformed_json", "request body is not valid JSON")
     if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
         return error_response(400, "empty_body", "request body is empty; send a JSON object")
-    details = [
-        {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "problem": e.get("msg")}
-        for e in errors[:20]
-    ]
-    summary = _describe_validation_error(errors[0]) if errors else "invalid request"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return error_response(422, "invalid_input", summary + more, details=details)
+    message, details = describe_validation(errors)
+    return error_response(422, "invalid_input", message, details=details)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

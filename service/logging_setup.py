@@ -6,8 +6,6 @@ import json
 import logging
 from datetime import UTC, datetime
 
-PROBE_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
-
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -22,15 +20,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class SkipProbes(logging.Filter):
-    """Drop uvicorn access-log lines for probes and scrapes, which would drown the rest."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        path = args[2] if isinstance(args, tuple) and len(args) >= 3 else ""
-        return not (isinstance(path, str) and path.split("?")[0] in PROBE_PATHS)
-
-
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
@@ -40,8 +29,8 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # uvicorn's own access log is off (the service writes one with request IDs, without probes).
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uv_logger = logging.getLogger(name)
         uv_logger.handlers.clear()
         uv_logger.propagate = True
-    logging.getLogger("uvicorn.access").addFilter(SkipProbes())

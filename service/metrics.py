@@ -91,6 +91,9 @@ class Metrics:
         self.predictions.labels(digit=str(digit)).inc()
         self.confidence.observe(confidence)
 
+    def reloaded(self, outcome: str) -> None:
+        self.reloads.labels(outcome=outcome).inc()
+
     def serving(self, name: str, version: int) -> None:
         self.model_info.clear()
         self.model_info.labels(name=name, version=str(version)).set(1)

@@ -1,22 +1,25 @@
-"""Pure ASGI middleware (no per-request task or body buffering): body-size limit and request metrics."""
+"""Pure ASGI middleware (no per-request task or body buffering): body-size limit, request IDs,
+the access log and request metrics, and security headers."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, ServiceError, error_response
-from service.state import ServingState
+from service.metrics import Metrics
 
-# Probes and scrapes stay out of request metrics.
-UNMEASURED = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+access_log = logging.getLogger("service.access")
 
-
-def is_prediction(path: str) -> bool:
-    """Requests that will reach the batcher (the batcher waits for these when they are on their way)."""
-    return path.startswith("/v1/predict") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+# Probes and scrapes stay out of request metrics and the access log: they would drown the rest.
+UNOBSERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:/+=@-]{1,128}$")  # safe to echo and to log as is
 
 
 class _BodyTooLarge(PayloadTooLarge):
@@ -95,42 +98,60 @@ class BodyLimitMiddleware:
         await error_response(413, "payload_too_large", message, headers={"Connection": "close"})(scope, receive, send)
 
 
-class RequestMetricsMiddleware:
-    """Count and time requests by route template and status; track prediction requests in flight."""
+class ObservingMiddleware:
+    """Give every request an ID (the client's `X-Request-ID` when it is sane, else a new one) and echo
+    it; count and time requests by route template and status; write one access-log line each."""
 
-    def __init__(self, app: ASGIApp, state: ServingState) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
-        self.state = state
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path in UNMEASURED:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        metrics = self.state.metrics
-        prediction = is_prediction(path)
+        path = scope.get("path", "")
+        request_id = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+        if not _VALID_REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex.encode()
+        observed = path not in UNOBSERVED_PATHS
         status = 500
         started = time.perf_counter()
 
-        async def recording_send(message: Message) -> None:
+        async def observing_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
+        if not observed:
+            await self.app(scope, receive, observing_send)
+            return
+        metrics = self.metrics
         metrics.in_flight.inc()
-        if prediction:
-            self.state.predict_in_flight += 1
         try:
-            await self.app(scope, receive, recording_send)
+            await self.app(scope, receive, observing_send)
         finally:
-            if prediction:
-                self.state.predict_in_flight -= 1
             metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             metrics.requests.labels(route=template, method=scope["method"], status=str(status)).inc()
-            metrics.request_latency.labels(route=template).observe(time.perf_counter() - started)
+            metrics.request_latency.labels(route=template).observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("-", 0)
+                query = scope.get("query_string", b"")
+                access_log.info(
+                    '%s "%s %s%s" %d %.1fms request_id=%s',
+                    client[0],
+                    scope["method"],
+                    path,
+                    "?" + query.decode("latin-1") if query else "",
+                    status,
+                    1000 * elapsed,
+                    request_id.decode(),
+                )
 
 
 # The demo page may run only its own scripts and styles and talk only to this origin.

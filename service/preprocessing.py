@@ -1,8 +1,11 @@
-"""Turn any picture of a digit into MNIST form, the way the MNIST set itself was made.
+"""Turn any picture of a digit into what the model sees, the way the MNIST set itself was made.
 
 Composite transparency, grayscale, detect polarity (dark ink on light paper is inverted),
 crop to the ink, scale the longer side to 20 px with antialiasing keeping the aspect
 ratio, and place it in a 28x28 field with its centre of mass at pixel (14, 14).
+
+Every API (/v1 pixels, /v1 images, /v2 tensors) ends here, and one rule decides that an
+input holds no digit (`check_ink`): such an input gets an answer saying so, not a guess.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import InvalidInput, NoDigitFound, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 FIELD = 28  # MNIST image side
 BOX = 20  # MNIST fits the digit's longer side into 20 px
@@ -22,8 +26,11 @@ CENTRE = 14.0  # MNIST's centre of mass (measured: 14.00 +- 0.29, i.e. an intege
 NOISE = 0.1  # ink below this (after background removal) is paper texture or JPEG noise
 MIN_PEAK = 0.2  # nothing darker than this against the background counts as ink
 MIN_INK_PIXELS = 3
+INK_LEVEL = 0.05  # a model-ready pixel at least this bright is ink
+NO_DIGIT = "no digit found: the image is blank or has too little ink"
 WORKING_SIDE = 1024  # big images are shrunk to about this before any float maths (memory, time)
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG's 16-bit grayscale opens as one of these
+WIDE_MODES = (*SIXTEEN_BIT_MODES, "F")
 
 ALLOWED_FORMATS = {
     "PNG": "image/png",
@@ -40,6 +47,24 @@ class InvalidImage(InvalidInput):
 
 class ImageTooLarge(PayloadTooLarge):
     code = "image_too_large"
+
+
+@dataclass(frozen=True)
+class NoDigit:
+    """An input that holds no digit, and why: answered as such instead of being guessed at."""
+
+    reason: str = NO_DIGIT
+
+
+Prepared = np.ndarray | NoDigit  # a 28x28 float32 model input, or why there is none
+
+
+def check_ink(image: np.ndarray) -> Prepared:
+    """The one rule for "no digit": fewer than MIN_INK_PIXELS pixels of a 28x28 model input
+    reach INK_LEVEL. A blank array would otherwise come back as a confident guess."""
+    if int(np.count_nonzero(image >= INK_LEVEL)) < MIN_INK_PIXELS:
+        return NoDigit()
+    return image
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -82,32 +107,46 @@ def _shrink(image: Image.Image) -> Image.Image:
     if factor <= 1:
         return image
     if image.mode not in ("L", "LA", "RGB", "RGBA", "F"):
-        image = image.convert("F" if image.mode in SIXTEEN_BIT_MODES else "RGBA")
+        image = image.convert("F" if image.mode in WIDE_MODES else "RGBA")
     return image.reduce(factor)
 
 
 def image_to_gray(image: Image.Image) -> np.ndarray:
     """Grayscale float32 in 0..1 of any mode, transparency composited onto a background
     that contrasts with the ink (so white ink on a transparent canvas survives)."""
-    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit PNGs and friends: convert("L") would clip them to white
-        values = np.asarray(_shrink(image), dtype=np.float32)
-        scale = 65535.0 if values.max() > 255 else 255.0
-        return np.clip(values / scale, 0.0, 1.0)
+    if image.mode in WIDE_MODES:  # convert("L") would clip 16-bit values to white
+        # The mode, not the values, says the scale: a dark 16-bit image (all values under 256)
+        # is still 16-bit. Float images are taken as 0..1.
+        scale = 1.0 if image.mode == "F" else 65535.0
+        return np.clip(np.asarray(_shrink(image), dtype=np.float32) / scale, 0.0, 1.0)
     transparent = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
     image = _shrink(image)
     if not transparent:
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     la = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32) / 255.0
     gray, alpha = la[..., 0], la[..., 1]
-    opacity = float(alpha.sum())
-    if opacity == 0.0:
-        return np.zeros_like(gray)  # fully transparent: blank
-    ink_level = float((gray * alpha).sum()) / opacity
-    background = 1.0 if ink_level < 0.5 else 0.0
-    return gray * alpha + background * (1.0 - alpha)
+    return gray * alpha + _transparent_fill(gray, alpha) * (1.0 - alpha)
 
 
-def to_mnist(gray: np.ndarray) -> np.ndarray:
+def _transparent_fill(gray: np.ndarray, alpha: np.ndarray) -> float:
+    """What transparent pixels become: the paper around the ink, so transparent margins read as
+    background. When the opaque region holds ink and paper (a white card with a dark digit on
+    it), the paper is the colour of that region's border, not the mean of all opaque pixels
+    (which a big card would push towards paper-as-ink). When everything opaque is ink (strokes
+    on a transparent canvas), the fill is the opposite of the ink."""
+    opaque = alpha > 0.5
+    if not opaque.any():
+        return 0.0  # fully transparent: blank
+    padded = np.pad(opaque, 1, constant_values=False)
+    surrounded = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    border = float(np.median(gray[opaque & ~surrounded]))  # opaque pixels touching transparency or the edge
+    contrasting = int(np.count_nonzero(np.abs(gray[opaque] - border) > 0.5))
+    if contrasting >= MIN_INK_PIXELS:
+        return border  # ink inside a region of paper: the border is the paper
+    return 1.0 if border < 0.5 else 0.0
+
+
+def to_mnist(gray: np.ndarray) -> Prepared:
     """Any-size grayscale (0..1, either polarity) -> 28x28 float32, white digit on black."""
     if gray.ndim != 2 or min(gray.shape) < 1:
         raise InvalidInput(f"expected a 2-D image, got shape {gray.shape}")
@@ -122,7 +161,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     peak = float(x.max())
     ink = x > 0
     if peak < MIN_PEAK or int(ink.sum()) < MIN_INK_PIXELS:
-        raise NoDigitFound("no digit found: the image is blank or has too little ink")
+        return NoDigit()
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     crop = x[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = crop.shape
@@ -131,7 +170,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     resized = np.asarray(Image.fromarray(crop, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
     resized = np.clip(resized, 0.0, None)
     resized /= max(float(resized.max()), 1e-6)  # thin strokes shrunk from a big canvas stay bright
-    return _centre_of_mass_in_field(resized)
+    return check_ink(_centre_of_mass_in_field(resized))
 
 
 def _centre_of_mass_in_field(digit: np.ndarray) -> np.ndarray:
@@ -146,6 +185,21 @@ def _centre_of_mass_in_field(digit: np.ndarray) -> np.ndarray:
     return field
 
 
-def image_to_mnist(image: Image.Image) -> np.ndarray:
-    """An opened image -> 28x28 MNIST form. Raises NoDigitFound for blank images."""
-    return to_mnist(image_to_gray(decode_first_frame(image)))
+def prepare_pixels(array: np.ndarray, preprocess: bool) -> Prepared:
+    """A pixel array -> the model's input: made MNIST-like first when `preprocess`, else taken
+    as an MNIST-form 28x28 array (0..1, white on black) as it is."""
+    return to_mnist(array) if preprocess else check_ink(array)
+
+
+def prepare_image(image: Image.Image, preprocess: bool) -> Prepared:
+    """An opened image -> the model's input. Without `preprocess` it must already be MNIST-form:
+    28x28, white digit on black; it is only made grayscale 0..1."""
+    gray = image_to_gray(decode_first_frame(image))
+    if preprocess:
+        return to_mnist(gray)
+    if gray.shape != (FIELD, FIELD):
+        raise InvalidInput(
+            f"without preprocessing the image must be {FIELD}x{FIELD} (MNIST form), "
+            f"got {gray.shape[1]}x{gray.shape[0]}; send preprocess=true for other sizes"
+        )
+    return check_ink(np.ascontiguousarray(gray, dtype=np.float32))

@@ -10,17 +10,28 @@ swaps it in; a version that fails is refused and the old one keeps serving.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model_artifact import ArtifactError, InputSpec, OutputSpec, list_versions, load_model, resolve_version_dir
+from model_artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    ArtifactError,
+    InputSpec,
+    OutputSpec,
+    list_versions,
+    load_model,
+    resolve_version_dir,
+    sha256_file,
+)
 from service.config import Settings
 from service.predictor import Predictor, pick_device
-from service.state import ServingState
 
 log = logging.getLogger(__name__)
 
@@ -85,52 +96,77 @@ class ReloadRefused(ArtifactError):
     """A newer version exists but failed vetting; the old one keeps serving."""
 
 
-class Reloader:
-    def __init__(self, state: ServingState) -> None:
-        self._state = state
-        self._lock = asyncio.Lock()
-        self._refused: dict[int, str] = {}  # version -> why, so the watcher does not retry it every poll
+def fingerprint(version_dir: Path) -> str:
+    """What a version's vetting depends on: its metadata and model file, by checksum. A refusal is
+    remembered under this, so asking again is cheap, and a version whose files change is vetted anew."""
+    digest = hashlib.sha256()
+    for name in (METADATA_FILE, MODEL_FILE):
+        path = version_dir / name
+        digest.update(sha256_file(path).encode() if path.is_file() else b"missing")
+    return digest.hexdigest()
 
-    async def reload(self, *, retry_refused: bool = True) -> ReloadOutcome:
+
+class Reloader:
+    """Switches the registry to the newest (or pinned) version. `install` puts a vetted model in
+    service; `prepare` loads and vets one version (blocking; run on a worker thread)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        current: Callable[[], Predictor | None],
+        install: Callable[[Predictor], None],
+        *,
+        prepare: Callable[[Path], Predictor] | None = None,
+        on_outcome: Callable[[str], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._current = current
+        self._install = install
+        self._prepare = prepare or (lambda version_dir: prepare_version(version_dir, settings))
+        self._on_outcome = on_outcome or (lambda outcome: None)
+        self._lock = asyncio.Lock()
+        self._refused: dict[str, str] = {}  # fingerprint -> why
+
+    async def reload(self) -> ReloadOutcome:
         """Switch to the newest version (or the pinned one) if it differs from the serving one."""
         async with self._lock:
-            state, settings = self._state, self._state.settings
-            current = state.predictor
-            if current is None or state.batcher is None:
+            settings = self._settings
+            current = self._current()
+            if current is None:
                 raise ArtifactError("no model is being served yet")
             version_dir = resolve_version_dir(settings.artifact_dir, settings.model_name, settings.model_version)
             version = int(version_dir.name)
             if version == current.version:
                 return ReloadOutcome("unchanged", current.version, current.version)
-            if not retry_refused and version in self._refused:
-                raise ReloadRefused(self._refused[version])
+            key = await asyncio.to_thread(fingerprint, version_dir)
+            if key in self._refused:
+                raise ReloadRefused(self._refused[key])
             try:
-                candidate = await asyncio.to_thread(prepare_version, version_dir, settings)
+                candidate = await asyncio.to_thread(self._prepare, version_dir)
             except Exception as exc:  # noqa: BLE001 - any failure refuses the candidate
                 reason = f"version {version} refused: {exc}; still serving version {current.version}"
-                self._refused[version] = reason
-                state.metrics.reloads.labels(outcome="refused").inc()
+                self._refused[key] = reason
+                self._on_outcome("refused")
                 log.error("%s", reason)
                 raise ReloadRefused(reason) from None
-            state.batcher.swap(candidate)
-            state.predictor = candidate
-            state.metrics.serving(candidate.name, candidate.version)
-            state.metrics.reloads.labels(outcome="reloaded").inc()
+            self._install(candidate)
+            self._on_outcome("reloaded")
             log.info("reloaded: now serving %s v%s (was v%s)", candidate.name, candidate.version, current.version)
             return ReloadOutcome("reloaded", current.version, candidate.version)
 
-    async def watch(self, interval_s: float) -> None:
-        """Poll the artifact directory and reload when a newer version appears."""
-        state, settings = self._state, self._state.settings
+    async def watch(self, interval_s: float, paused: Callable[[], bool] = lambda: False) -> None:
+        """Poll the artifact directory and reload when a newer version appears (or a refused one changes)."""
+        settings = self._settings
         while True:
             await asyncio.sleep(interval_s)
-            if state.predictor is None or state.shutting_down:
+            current = self._current()
+            if current is None or paused():
                 continue
             try:
                 newest = (list_versions(settings.artifact_dir, settings.model_name) or [0])[-1]
-                if newest > state.predictor.version:
-                    await self.reload(retry_refused=False)
+                if newest > current.version:
+                    await self.reload()
             except ArtifactError:
-                pass  # a refused version was logged once; the old model keeps serving
+                pass  # a refusal was logged once; the old model keeps serving
             except Exception:
                 log.exception("looking for a new model version failed; will look again")

@@ -92,6 +92,7 @@ class ModelInfo(BaseModel):
 
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
+    detail: str | None = None
 
 
 class Readiness(BaseModel):

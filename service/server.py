@@ -1,10 +1,10 @@
 """uvicorn's server with a graceful shutdown that load balancers can see.
 
-On SIGTERM (or SIGINT) the service marks itself as shutting down at once: /readyz answers
-503 and new predictions are refused with 503 + Retry-After. It keeps listening for
-`shutdown_delay_s` so load balancers and probes notice, then uvicorn stops accepting,
-lets in-flight requests finish, and the lifespan drains the batcher. A second signal
-skips the delay.
+On SIGTERM (or SIGINT) the service starts draining at once: /readyz answers 503, while
+requests that still arrive are served as usual. It keeps listening for `shutdown_delay_s`
+so load balancers and probes notice and stop sending, then uvicorn stops accepting, lets
+in-flight requests finish, and the lifespan drains the batcher. A second signal skips the
+delay.
 """
 
 from __future__ import annotations
@@ -15,24 +15,24 @@ from types import FrameType
 
 import uvicorn
 
-from service.state import ServingState
+from service.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServingState, shutdown_delay_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_delay_s: float) -> None:
         super().__init__(config)
-        self._state = state
+        self._lifecycle = lifecycle
         self._delay_s = shutdown_delay_s
         self._pending: tuple[int, float] | None = None  # (signal, when to start the real exit)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._state.shutting_down = True
+        self._lifecycle.draining = True
         if self._delay_s <= 0 or self._pending is not None or self.should_exit:
             super().handle_exit(sig, frame)
             return
-        log.info("shutting down: refusing new work, closing the listener in %.1f s", self._delay_s)
+        log.info("shutting down: readiness is off; still serving, closing the listener in %.1f s", self._delay_s)
         self._pending = (sig, time.monotonic() + self._delay_s)
 
     async def on_tick(self, counter: int) -> bool:

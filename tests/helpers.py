@@ -80,3 +80,35 @@ class ExplodingNet(nn.Module):
 
 def scripted_mean_net() -> torch.jit.ScriptModule:
     return torch.jit.script(MeanIntensityNet())
+
+
+class MarkedNet(nn.Module):
+    """Wraps a real model; an image whose top-left pixel is lit (a "probe": MNIST digits never light
+    it) gets logits that name this model's version: digit `version % 10` with logits shifted by
+    `version`, so an answer shows which version computed it. Other images get the real answers, so
+    the service's known-digits check passes and a reload accepts it."""
+
+    def __init__(self, inner: nn.Module, version: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.version = version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        probe = x[:, 0, 0, 0] > 0.99
+        marked = torch.full_like(logits, float(self.version))
+        marked[:, self.version % 10] += 20.0
+        return torch.where(probe.unsqueeze(1), marked, logits)
+
+
+def probe_image(level: float = 0.5) -> torch.Tensor:
+    """A 28x28 image (0..1) with a stroke of `level` and the probe pixel lit."""
+    image = torch.zeros(28, 28)
+    image[6:22, 13:15] = level
+    image[0, 0] = 1.0
+    return image
+
+
+def version_of(logits: list[float]) -> int:
+    """The version a MarkedNet's probe logits name (every logit but the chosen one equals it)."""
+    return round(sorted(logits)[0])

@@ -1,17 +1,16 @@
-"""Admin routes: POST /v1/admin/reload. Guarded by the admin tokens when they are configured."""
+"""Admin routes: POST /v1/admin/reload. Closed unless admin tokens are configured."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from model_artifact import ArtifactError
-from service.auth import require_admin_token
+from service.auth import AdminAuth
 from service.errors import ErrorBody, ServiceError
-from service.reload import ReloadRefused
-from service.state import State
+from service.reload import Reloader
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminAuth])
 
 
 class ReloadConflict(ServiceError):
@@ -31,17 +30,20 @@ class ReloadResult(BaseModel):
     summary="Switch to the newest model version without downtime",
     responses={
         401: {"model": ErrorBody, "description": "admin token missing or invalid"},
+        403: {"model": ErrorBody, "description": "admin routes are disabled (no admin tokens configured)"},
         409: {"model": ErrorBody, "description": "the new version failed its checks; the old one keeps serving"},
     },
 )
-async def reload_model(state: State) -> ReloadResult:
+async def reload_model(request: Request) -> ReloadResult:
     """Load the newest version beside the serving one, verify its checksum, check a handful of known
-    digits, warm it up, then switch; requests already queued finish on the old model."""
-    if state.reloader is None:
-        raise ReloadConflict("the service is not serving a model from artifacts yet")
+    digits, warm it up, then switch; requests already under way finish on the old model. A version
+    refused once is refused again at once until its files change."""
+    reloader: Reloader | None = request.app.state.reloader
+    if reloader is None:
+        raise ReloadConflict("the service is not serving a model from artifacts")
     try:
-        outcome = await state.reloader.reload()
-    except (ReloadRefused, ArtifactError) as exc:
+        outcome = await reloader.reload()
+    except ArtifactError as exc:
         raise ReloadConflict(str(exc)) from None
     return ReloadResult(
         status=outcome.status, previous_version=outcome.previous_version, serving_version=outcome.serving_version

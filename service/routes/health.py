@@ -5,26 +5,35 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from service.deps import LifecycleDep
 from service.schemas import Health, ModelRef, Readiness
-from service.state import State
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz() -> Health:
-    return Health(status="ok")
+@router.get(
+    "/healthz",
+    response_model=Health,
+    summary="Liveness: the process can make progress (restart it when this fails)",
+    responses={503: {"model": Health, "description": "the batcher's collector died"}},
+)
+async def healthz(lifecycle: LifecycleDep) -> JSONResponse:
+    problem = lifecycle.liveness()
+    if problem is not None:
+        return JSONResponse(Health(status="failing", detail=problem).model_dump(exclude_none=True), status_code=503)
+    return JSONResponse(Health(status="ok").model_dump(exclude_none=True))
 
 
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="Readiness: a verified, warmed model is loaded and the batcher runs",
+    summary="Readiness: a verified, warmed model is loaded, the batcher runs, no shutdown has begun",
     responses={503: {"model": Readiness, "description": "loading, stopped or shutting down"}},
 )
-async def readyz(state: State) -> JSONResponse:
-    if state.ready and state.predictor is not None:
-        body = Readiness(status="ready", model=ModelRef(name=state.predictor.name, version=state.predictor.version))
+async def readyz(lifecycle: LifecycleDep) -> JSONResponse:
+    problem = lifecycle.readiness()
+    model = lifecycle.registry.model
+    if problem is None and model is not None:
+        body = Readiness(status="ready", model=ModelRef(name=model.name, version=model.version))
         return JSONResponse(body.model_dump(exclude_none=True))
-    detail = "shutting down" if state.shutting_down else "model not loaded or batcher not running"
-    return JSONResponse(Readiness(status="not ready", detail=detail).model_dump(exclude_none=True), status_code=503)
+    return JSONResponse(Readiness(status="not ready", detail=problem).model_dump(exclude_none=True), status_code=503)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from service.deps import CurrentModel
 from service.errors import ErrorBody
 from service.schemas import ModelInfo
-from service.state import State
 
 router = APIRouter(prefix="/v1", tags=["model"])
 
@@ -17,9 +17,8 @@ router = APIRouter(prefix="/v1", tags=["model"])
     summary="Metadata of the model being served",
     responses={503: {"model": ErrorBody, "description": "no model loaded yet"}},
 )
-async def model_info(state: State) -> ModelInfo:
-    predictor, _ = state.serving()
-    meta = predictor.metadata
+async def model_info(model: CurrentModel) -> ModelInfo:
+    meta = model.metadata
     training = meta.training
     return ModelInfo(
         name=meta.name,
@@ -34,7 +33,7 @@ async def model_info(state: State) -> ModelInfo:
         output=meta.output.model_dump(),
         labels=meta.labels,
         torch_version=meta.torch_version,
-        device=str(predictor.device),
+        device=str(model.device),
         training={key: training.get(key) for key in ("command", "epochs_run", "seconds", "device") if key in training}
         | {"seed": training.get("config", {}).get("seed")},
     )

@@ -1,23 +1,21 @@
-"""Open Inference Protocol (KServe v2) REST endpoints, on the same batcher and metrics as /v1."""
+"""Open Inference Protocol (KServe v2) REST endpoints: the /v2 codec over the shared pipeline."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import numpy as np
-import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.errors import ServiceError, ServiceUnavailable
-from service.inference import admit_early, client_timeout, run_inference
-from service.oip import HEADER_LENGTH, encode_infer_response, model_metadata, parse_infer_request, request_schema
+from service.auth import ApiAuth
+from service.codecs.oip import HEADER_LENGTH, encode_infer_response, model_metadata, parse_infer_request, request_schema
+from service.deps import CurrentModel, LifecycleDep, PipelineDep, RegistryDep, SettingsDep
+from service.errors import ServiceError
 from service.predictor import Predictor
-from service.state import ServingState, State
+from service.routes.http import INLINE_BODY_BYTES, client_timeout, require_media_type, served_headers
 
 SERVER_NAME = "digit-service"
 EXTENSIONS = ["binary_tensor_data"]
@@ -51,15 +49,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _model(state: ServingState, name: str, version: str | None) -> Predictor:
-    if name != state.settings.model_name:
-        raise ModelNotFound(f"unknown model '{name}'; this server serves '{state.settings.model_name}'")
-    predictor = state.predictor
-    if predictor is None:
-        raise ServiceUnavailable(f"model '{name}' is not loaded yet", headers={"Retry-After": "1"})
-    if version is not None and version != str(predictor.version):
-        raise ModelNotFound(f"model '{name}' has no version '{version}'; serving version {predictor.version}")
-    return predictor
+def _check(model: Predictor, served_name: str, name: str, version: str | None) -> Predictor:
+    """The request's model, if it is the one the URL names (checked against the model the request
+    resolved, so a versioned URL is never computed by another version)."""
+    if name != served_name:
+        raise ModelNotFound(f"unknown model '{name}'; this server serves '{served_name}'")
+    if version is not None and version != str(model.version):
+        raise ModelNotFound(f"model '{name}' has no version '{version}'; serving version {model.version}")
+    return model
 
 
 @router.get("", summary="Server metadata")
@@ -67,61 +64,58 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
-@router.get("/health/live", summary="Server live (200 true, 4xx false)")
-async def server_live() -> dict[str, bool]:
-    return {"live": True}
+@router.get("/health/live", summary="Server live (200 true, 4xx false)", responses={400: {"description": "not live"}})
+async def server_live(lifecycle: LifecycleDep) -> JSONResponse:
+    live = lifecycle.liveness() is None
+    return JSONResponse({"live": live}, status_code=200 if live else 400)
 
 
 @router.get(
     "/health/ready", summary="Server ready (200 true, 4xx false)", responses={400: {"description": "not ready"}}
 )
-async def server_ready(state: State) -> JSONResponse:
-    return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 400)
+async def server_ready(lifecycle: LifecycleDep) -> JSONResponse:
+    ready = lifecycle.readiness() is None
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
 
 
-async def _metadata(state: ServingState, name: str, version: str | None) -> dict[str, Any]:
-    predictor = _model(state, name, version)
-    return model_metadata(predictor.name, predictor.version)
+async def _metadata(model: Predictor, settings_name: str, name: str, version: str | None) -> dict[str, Any]:
+    model = _check(model, settings_name, name, version)
+    return model_metadata(model.name, model.version)
 
 
-async def _ready(state: ServingState, name: str, version: str | None) -> JSONResponse:
-    if name != state.settings.model_name:
-        raise ModelNotFound(f"unknown model '{name}'; this server serves '{state.settings.model_name}'")
-    ready = state.ready and (
-        version is None or (state.predictor is not None and version == str(state.predictor.version))
-    )
+async def _ready(
+    lifecycle: LifecycleDep, registry: RegistryDep, served_name: str, name: str, version: str | None
+) -> JSONResponse:
+    if name != served_name:
+        raise ModelNotFound(f"unknown model '{name}'; this server serves '{served_name}'")
+    model = registry.model
+    ready = lifecycle.readiness() is None and (version is None or (model is not None and version == str(model.version)))
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
 
 
-async def _infer(request: Request, state: ServingState, name: str, version: str | None) -> Response:
-    state.api_auth.verify(request.headers.get("authorization"))  # inline: cheaper than a dependency
-    predictor = _model(state, name, version)
-    admit_early(state, client_timeout(request.headers))  # before reading the body: shedding load stays cheap
+async def _infer(
+    request: Request, model: Predictor, pipeline: PipelineDep, settings: SettingsDep, name: str, version: str | None
+) -> Response:
+    model = _check(model, settings.model_name, name, version)
+    header_timeout_s = client_timeout(request.headers)
+    pipeline.admit(header_timeout_s)  # before reading the body: shedding load stays cheap
+    require_media_type(request.headers, ["application/json", "application/octet-stream"])
     body = await request.body()
-    parse_args = (body, request.headers.get(HEADER_LENGTH), state.settings.max_instances)
-    # Big bodies are decoded off the event loop, so one large request does not stall the others.
-    parsed = (
-        await run_in_threadpool(parse_infer_request, *parse_args)
-        if len(body) > 256 * 1024
-        else parse_infer_request(*parse_args)
+    header_length = request.headers.get(HEADER_LENGTH)
+    decoded, outcome = await pipeline.run(
+        model,
+        lambda: parse_infer_request(body, header_length, settings.max_instances, header_timeout_s),
+        offload=len(body) > INLINE_BODY_BYTES,  # one large request must not stall the others
     )
-    deadlines = [t for t in (parsed.timeout_s, client_timeout(request.headers)) if t is not None]
-    served = await run_inference(state, torch.from_numpy(parsed.images), timeout_s=min(deadlines, default=None))
-    tensors: dict[str, np.ndarray] = {
-        "logits": served.logits.numpy(),
-        "probabilities": served.probabilities.numpy(),
-        "digit": served.digits.numpy().astype(np.int64),
-    }
-    body, content_headers = encode_infer_response(
-        predictor.name, str(predictor.version), parsed.id, tensors, parsed.outputs
-    )
-    return Response(content=body, headers={**served.headers, **content_headers})
+    body, content_headers = encode_infer_response(outcome, decoded)
+    return Response(content=body, headers={**served_headers(outcome), **content_headers})
 
 
 _INFER_DOC: dict[str, Any] = {
     "summary": "Inference: input FP32 [N,1,28,28] or [N,784] in 0..1, or UINT8 in 0..255",
     "description": (
         "Outputs `logits` and `probabilities` (FP32 [N,10]) and `digit` (INT64 [N]); honours `outputs` and `id`. "
+        "An image with no digit (fewer than 3 pixels at 0.05 or brighter) gets `digit` -1 and zero rows. "
         "Supports the binary tensor data extension (`Inference-Header-Content-Length`, `binary_data_size`, "
         "`binary_data`, `binary_data_output`) and a `timeout` parameter in microseconds."
     ),
@@ -137,8 +131,9 @@ _INFER_DOC: dict[str, Any] = {
         429: {
             "description": 'queue full, or the expected wait exceeds the deadline; see Retry-After: {"error": "..."}'
         },
+        415: {"description": 'a content type other than JSON or octet-stream: {"error": "..."}'},
         500: {"description": 'the model failed on this batch: {"error": "..."}'},
-        503: {"description": 'not ready, or shutting down: {"error": "..."}'},
+        503: {"description": 'not ready yet: {"error": "..."}'},
         504: {"description": 'no result within the deadline: {"error": "..."}'},
     },
     "openapi_extra": {
@@ -151,30 +146,40 @@ _INFER_DOC: dict[str, Any] = {
 
 
 @router.get("/models/{name}", summary="Model metadata", responses=_ERRORS)
-async def model_metadata_latest(name: str, state: State) -> dict[str, Any]:
-    return await _metadata(state, name, None)
+async def model_metadata_latest(name: str, model: CurrentModel, settings: SettingsDep) -> dict[str, Any]:
+    return await _metadata(model, settings.model_name, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (versioned)", responses=_ERRORS)
-async def model_metadata_versioned(name: str, version: str, state: State) -> dict[str, Any]:
-    return await _metadata(state, name, version)
+async def model_metadata_versioned(
+    name: str, version: str, model: CurrentModel, settings: SettingsDep
+) -> dict[str, Any]:
+    return await _metadata(model, settings.model_name, name, version)
 
 
 @router.get("/models/{name}/ready", summary="Model ready (200 true, 4xx false)", responses=_ERRORS)
-async def model_ready_latest(name: str, state: State) -> JSONResponse:
-    return await _ready(state, name, None)
+async def model_ready_latest(
+    name: str, lifecycle: LifecycleDep, registry: RegistryDep, settings: SettingsDep
+) -> JSONResponse:
+    return await _ready(lifecycle, registry, settings.model_name, name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model ready (versioned)", responses=_ERRORS)
-async def model_ready_versioned(name: str, version: str, state: State) -> JSONResponse:
-    return await _ready(state, name, version)
+async def model_ready_versioned(
+    name: str, version: str, lifecycle: LifecycleDep, registry: RegistryDep, settings: SettingsDep
+) -> JSONResponse:
+    return await _ready(lifecycle, registry, settings.model_name, name, version)
 
 
-@router.post("/models/{name}/infer", **_INFER_DOC)
-async def infer_latest(name: str, request: Request, state: State) -> Response:
-    return await _infer(request, state, name, None)
+@router.post("/models/{name}/infer", dependencies=[ApiAuth], **_INFER_DOC)
+async def infer_latest(
+    name: str, request: Request, model: CurrentModel, pipeline: PipelineDep, settings: SettingsDep
+) -> Response:
+    return await _infer(request, model, pipeline, settings, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", **_INFER_DOC)
-async def infer_versioned(name: str, version: str, request: Request, state: State) -> Response:
-    return await _infer(request, state, name, version)
+@router.post("/models/{name}/versions/{version}/infer", dependencies=[ApiAuth], **_INFER_DOC)
+async def infer_versioned(
+    name: str, version: str, request: Request, model: CurrentModel, pipeline: PipelineDep, settings: SettingsDep
+) -> Response:
+    return await _infer(request, model, pipeline, settings, name, version)

@@ -46,7 +46,7 @@ def _id(path: Path) -> str:
 
 def _routes() -> set[str]:
     """GET routes of the app, from its OpenAPI schema (the lifespan does not run: no model is loaded)."""
-    paths = create_app(Settings(), registry=CollectorRegistry()).openapi()["paths"]
+    paths = create_app(Settings(), metrics_registry=CollectorRegistry()).openapi()["paths"]
     return {path for path, operations in paths.items() if "get" in operations}
 
 

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.config import Settings, unknown_settings
 
 
 def test_settings_come_from_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,3 +38,19 @@ def test_env_names_cover_every_setting() -> None:
     names = Settings.env_names()
     assert names["max_batch_wait_ms"] == "DIGIT_MAX_BATCH_WAIT_MS"
     assert set(names) == set(Settings.model_fields)
+
+
+def test_misspelled_settings_are_named_with_the_closest_real_one() -> None:
+    environ = {
+        "DIGIT_MAX_BATCH_SIZ": "32",  # a typo: silently ignored without this warning
+        "DIGIT_PORT": "8000",  # a real setting
+        "DIGIT_API_SERVICE_HOST": "10.0.0.1",  # Kubernetes service links for a Service named digit-api
+        "DIGIT_API_PORT_8000_TCP": "tcp://10.0.0.1:8000",
+        "DIGIT_API_PORT": "tcp://10.0.0.1:8000",
+        "DIGIT_FROBNICATE": "1",
+        "PATH": "/usr/bin",
+    }
+    assert unknown_settings(environ) == [
+        "DIGIT_FROBNICATE is not a setting and is ignored",
+        "DIGIT_MAX_BATCH_SIZ is not a setting and is ignored; did you mean DIGIT_MAX_BATCH_SIZE?",
+    ]

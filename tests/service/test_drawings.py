@@ -20,7 +20,7 @@ TARGET = 0.97
 def test_stroke_drawn_digits_are_recognised() -> None:
     test = load_mnist().test
     items = drawings(test.images, test.labels, count=300, seed=7)
-    app = create_app(Settings(artifact_dir=REPO / "artifacts"), registry=CollectorRegistry())
+    app = create_app(Settings(artifact_dir=REPO / "artifacts"), metrics_registry=CollectorRegistry())
     with TestClient(app) as client:
         predicted = predict_all(
             lambda png: client.post("/v1/predict/image", content=png, headers={"Content-Type": "image/png"}), items

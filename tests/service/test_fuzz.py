@@ -169,7 +169,7 @@ def test_infer_overload_answers_are_documented() -> None:
     path = "/v2/models/{name}/infer"
     operation = build_client(SETTINGS).app.openapi()["paths"][path]["post"]
     body = {
-        "inputs": [{"name": "input", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}],
+        "inputs": [{"name": "input", "shape": [1, 784], "datatype": "UINT8", "data": [128] * 784}],
         "parameters": {"timeout": 1},  # one microsecond: shorter than any forward pass
     }
     with build_client(SETTINGS) as client:

@@ -1,4 +1,3 @@
-import asyncio
 import shutil
 from pathlib import Path
 
@@ -35,17 +34,45 @@ def test_not_ready_before_start_up() -> None:
     assert client.get("/healthz").status_code == 200  # alive all the same
 
 
-def test_not_ready_during_shutdown_or_when_the_batcher_stopped(client: TestClient) -> None:
-    state = client.app.state.serving
-    state.shutting_down = True
+def test_draining_turns_readiness_off_but_keeps_serving(client: TestClient) -> None:
+    lifecycle = client.app.state.lifecycle
+    lifecycle.draining = True  # what SIGTERM does, for the shutdown delay
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["detail"] == "shutting down"
-    predict = client.post("/v1/predict", json={"pixels": [0.0] * 784})
+    assert client.get("/v2/health/ready").status_code == 400
+    # Load balancers are still deregistering this instance: what they send meanwhile is served.
+    predict = client.post("/v1/predict", json={"pixels": [0.5] * 784})
+    assert predict.status_code == 200
+    assert predict.json()["digit"] == 5
+    assert client.get("/healthz").status_code == 200
+
+
+def test_a_stopped_batcher_is_not_ready_and_refuses_predictions(client: TestClient) -> None:
+    client.portal.call(client.app.state.lifecycle.batcher.stop)
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["detail"] == "the batcher is not running"
+    predict = client.post("/v1/predict", json={"pixels": [0.5] * 784})
     assert predict.status_code == 503
     assert predict.headers["Retry-After"] == "1"
-    state.shutting_down = False
-    client.portal.call(state.batcher.stop)
+
+
+def test_liveness_fails_when_the_batchers_collector_dies(client: TestClient) -> None:
+    batcher = client.app.state.lifecycle.batcher
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+    def broken_collector() -> list:
+        raise RuntimeError("collector bug")
+
+    batcher._take_batch = broken_collector  # a bug in the collector itself: it dies on the next batch
+    response = client.post("/v1/predict", json={"pixels": [0.5] * 784})
+    assert response.status_code == 503
+    liveness = client.get("/healthz")
+    assert liveness.status_code == 503  # the orchestrator restarts the process instead of waiting forever
+    assert liveness.json()["status"] == "failing"
+    assert "collector died: RuntimeError: collector bug" in liveness.json()["detail"]
+    assert client.get("/v2/health/live").status_code == 400
     assert client.get("/readyz").status_code == 503
 
 
@@ -108,7 +135,7 @@ def _copy_default_artifact(tmp_path: Path) -> Path:
 
 def test_start_up_loads_and_verifies_the_committed_artifact(tmp_path: Path) -> None:
     version_dir = _copy_default_artifact(tmp_path)
-    app = create_app(Settings(artifact_dir=tmp_path, max_batch_size=4), registry=CollectorRegistry())
+    app = create_app(Settings(artifact_dir=tmp_path, max_batch_size=4), metrics_registry=CollectorRegistry())
     with TestClient(app) as client:
         ready = client.get("/readyz").json()
         assert ready["model"] == {"name": "mnist-cnn", "version": int(version_dir.name)}
@@ -118,7 +145,7 @@ def test_start_up_refuses_a_tampered_model(tmp_path: Path) -> None:
     version_dir = _copy_default_artifact(tmp_path)
     with (version_dir / "model.pt").open("ab") as f:
         f.write(b"tampered")
-    app = create_app(Settings(artifact_dir=tmp_path), registry=CollectorRegistry())
+    app = create_app(Settings(artifact_dir=tmp_path), metrics_registry=CollectorRegistry())
     with pytest.raises(ArtifactError, match=r"model\.pt: SHA-256 mismatch"), TestClient(app):
         pass
 
@@ -129,25 +156,24 @@ def test_start_up_refuses_metadata_that_breaks_the_schema(tmp_path: Path) -> Non
     (version_dir / "metadata.json").write_text(
         metadata.model_dump_json().replace('"temperature":', '"temperature": -1, "x":')
     )
-    app = create_app(Settings(artifact_dir=tmp_path), registry=CollectorRegistry())
+    app = create_app(Settings(artifact_dir=tmp_path), metrics_registry=CollectorRegistry())
     with pytest.raises(ArtifactError, match="does not match the metadata schema"), TestClient(app):
         pass
 
 
 def test_start_up_names_a_missing_model(tmp_path: Path) -> None:
-    app = create_app(Settings(artifact_dir=tmp_path, model_name="absent"), registry=CollectorRegistry())
+    app = create_app(Settings(artifact_dir=tmp_path, model_name="absent"), metrics_registry=CollectorRegistry())
     with pytest.raises(ArtifactError, match="no versions of model 'absent'"), TestClient(app):
         pass
 
 
 def test_lifespan_state_before_inside_and_after() -> None:
     client = build_client()
-    state = client.app.state.serving
-    assert not state.ready
+    lifecycle = client.app.state.lifecycle
+    assert lifecycle.readiness() == "the model is not loaded yet"
     with client:
-        assert state.ready
-        assert state.batcher.running
-    assert not state.ready
-    assert state.shutting_down
-    assert not state.batcher.running
-    asyncio.run(asyncio.sleep(0))
+        assert lifecycle.readiness() is None
+        assert lifecycle.batcher.running
+        assert lifecycle.registry.current().version == 1
+    assert lifecycle.readiness() == "shutting down"
+    assert not lifecycle.batcher.running

@@ -11,12 +11,21 @@ from tests.service.live import REPO, free_port, running_service
 
 
 def test_the_server_starts_on_the_committed_model_and_becomes_ready() -> None:
-    env = {"DIGIT_MAX_BATCH_SIZE": "8", "DIGIT_LOG_FORMAT": "json"}
+    env = {"DIGIT_MAX_BATCH_SIZE": "8", "DIGIT_LOG_FORMAT": "json", "DIGIT_MAX_BATCH_WIAT_MS": "5"}
     with running_service(env, args=["--host", "127.0.0.1", "--port", str(free_port())]) as service:
-        response = httpx.post(f"{service.base_url}/v1/predict", json={"pixels": [0.0] * 784}, timeout=5)
+        response = httpx.post(
+            f"{service.base_url}/v1/predict",
+            json={"pixels": [0.0] * 784},
+            headers={"X-Request-ID": "client-chosen-42"},
+            timeout=5,
+        )
         assert response.status_code == 200
         assert response.headers["x-model-version"]
-        assert httpx.get(f"{service.base_url}/", timeout=5).status_code == 200
+        assert response.headers["x-request-id"] == "client-chosen-42"  # echoed
+        page = httpx.get(f"{service.base_url}/", timeout=5)
+        assert page.status_code == 200
+        generated = page.headers["x-request-id"]  # none sent: one is made up
+        assert len(generated) == 32
     output = service.output
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it.
     assert service.process.returncode in (0, -15), output
@@ -24,6 +33,12 @@ def test_the_server_starts_on_the_committed_model_and_becomes_ready() -> None:
     assert '"message": "stopped"' in output
     assert '"level": "error"' not in output
     assert "/readyz" not in output  # probes stay out of the access log
+    # The access log names each request with its ID.
+    assert '"logger": "service.access"' in output
+    assert 'POST /v1/predict\\" 200' in output and "request_id=client-chosen-42" in output
+    assert f"request_id={generated}" in output
+    # A misspelled setting is pointed out at start-up instead of being ignored in silence.
+    assert "DIGIT_MAX_BATCH_WIAT_MS is not a setting and is ignored; did you mean DIGIT_MAX_BATCH_WAIT_MS?" in output
 
 
 def test_the_server_refuses_to_start_on_a_missing_model_and_says_why(tmp_path: Path) -> None:

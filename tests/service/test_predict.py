@@ -91,7 +91,8 @@ def test_blank_pixels_say_no_digit_found_instead_of_guessing(client: TestClient)
     assert response.status_code == 200
     predictions = response.json()["predictions"]
     assert [p["digit"] for p in predictions] == [None, 5, None]
-    assert predictions[0]["detail"] == "no digit found: the image is blank"
+    assert predictions[0]["detail"] == "no digit found: the image is blank or has too little ink"
+    assert predictions[2]["detail"] == predictions[0]["detail"]  # one rule, one message
     assert response.headers["X-Batch-Size"] == "1"  # only the real image reached the model
 
 
@@ -240,10 +241,14 @@ def test_several_files_in_one_multipart_request(client: TestClient) -> None:
     assert predictions[0]["digit"] == predictions[1]["digit"]  # polarity does not matter
 
 
-def test_single_multipart_file_answers_like_a_single_image(client: TestClient) -> None:
-    response = client.post("/v1/predict/image", files={"file": ("a.png", png(draw_seven()), "image/png")})
-    assert response.status_code == 200
-    assert "digit" in response.json()
+def test_response_shape_follows_the_request_form_not_the_file_count(client: TestClient) -> None:
+    one_file = client.post("/v1/predict/image", files={"file": ("a.png", png(draw_seven()), "image/png")})
+    assert one_file.status_code == 200
+    assert set(one_file.json()) == {"predictions", "model"}  # multipart: always a list, even of one
+    assert len(one_file.json()["predictions"]) == 1
+    raw = client.post("/v1/predict/image", content=png(draw_seven()), headers={"Content-Type": "image/png"})
+    assert set(raw.json()) == {"digit", "confidence", "probabilities", "model"}  # a raw body: one object
+    assert raw.json()["digit"] == one_file.json()["predictions"][0]["digit"]
 
 
 def test_blank_image_says_no_digit_found(client: TestClient) -> None:
@@ -405,3 +410,60 @@ def test_invalid_deadline_header_is_a_400(client: TestClient, value: str) -> Non
     response = client.post("/v1/predict", json={"pixels": grid(0.1)}, headers={"X-Request-Timeout": value})
     assert response.status_code == 400
     assert "X-Request-Timeout" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_a_json_body_sent_as_another_type_is_refused(client: TestClient, content_type: str) -> None:
+    # Browsers send these types cross-site without asking first; JSON must come as JSON.
+    body = json.dumps({"pixels": grid(0.5)})
+    response = client.post("/v1/predict", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 415
+    assert response.json()["error"] == "unsupported_media_type"
+    assert content_type.split(";")[0] in response.json()["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", None])
+def test_json_types_and_a_missing_type_are_accepted(client: TestClient, content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/v1/predict", content=json.dumps({"pixels": grid(0.5)}), headers=headers)
+    assert response.status_code == 200, response.text
+
+
+def test_options_are_taken_from_the_query_on_both_routes(client: TestClient) -> None:
+    canvas = [[0.0] * 56 for _ in range(56)]
+    for row in range(10, 46):
+        canvas[row][27] = canvas[row][28] = 1.0
+    by_query = client.post("/v1/predict?preprocess=true&return_input=true", json={"pixels": canvas})
+    by_body = client.post("/v1/predict", json={"pixels": canvas, "preprocess": True, "return_input": True})
+    assert by_query.status_code == by_body.status_code == 200
+    assert by_query.json() == by_body.json()
+    assert len(by_query.json()["input"]) == 28
+    image = client.post(
+        "/v1/predict/image?return_input=true", content=png(draw_seven()), headers={"Content-Type": "image/png"}
+    )
+    assert len(image.json()["input"]) == 28
+
+
+def test_an_option_given_twice_with_different_values_is_refused(client: TestClient) -> None:
+    response = client.post("/v1/predict?return_input=false", json={"pixels": grid(0.5), "return_input": True})
+    assert response.status_code == 422
+    assert "return_input is given twice" in response.json()["message"]
+
+
+def test_an_image_without_preprocessing_must_already_be_mnist_form(client: TestClient) -> None:
+    mnist_like = np.zeros((28, 28), dtype=np.uint8)
+    mnist_like[4:24, 10:18] = 255  # a bright block: mean 0.2, the fake model answers 2
+    response = client.post(
+        "/v1/predict/image?preprocess=false&return_input=true",
+        content=png(Image.fromarray(mnist_like)),
+        headers={"Content-Type": "image/png"},
+    )
+    assert response.status_code == 200
+    assert np.allclose(np.array(response.json()["input"]), mnist_like / 255)  # taken as it is
+    too_big = client.post(
+        "/v1/predict/image?preprocess=false", content=png(draw_seven()), headers={"Content-Type": "image/png"}
+    )
+    assert too_big.status_code == 422
+    assert "must be 28x28" in too_big.json()["message"]

@@ -2,8 +2,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import NoDigitFound, UnsupportedMediaType
-from service.preprocessing import ImageTooLarge, InvalidImage, image_to_gray, image_to_mnist, open_image, to_mnist
+from service.errors import UnsupportedMediaType
+from service.preprocessing import (
+    ImageTooLarge,
+    InvalidImage,
+    NoDigit,
+    check_ink,
+    image_to_gray,
+    open_image,
+    prepare_image,
+    to_mnist,
+)
 from tests.service.images import draw_seven, encode, png
 
 
@@ -52,13 +61,57 @@ def test_small_mnist_sized_input_is_treated_like_mnist() -> None:
     ],
 )
 def test_blank_or_nearly_uniform_images_have_no_digit(blank: np.ndarray) -> None:
-    with pytest.raises(NoDigitFound):
-        to_mnist(blank.astype(np.float32))
+    assert isinstance(to_mnist(blank.astype(np.float32)), NoDigit)
 
 
 def test_fully_transparent_image_is_blank() -> None:
-    with pytest.raises(NoDigitFound):
-        image_to_mnist(open_image(png(Image.new("RGBA", (64, 64), (0, 0, 0, 0))), 10_000))
+    image = open_image(png(Image.new("RGBA", (64, 64), (0, 0, 0, 0))), 10_000)
+    assert isinstance(prepare_image(image, preprocess=True), NoDigit)
+
+
+def test_one_rule_for_no_digit_on_model_inputs() -> None:
+    two_dots = np.zeros((28, 28), dtype=np.float32)
+    two_dots[10, 10] = two_dots[12, 12] = 1.0
+    assert isinstance(check_ink(two_dots), NoDigit)  # two pixels of ink are not a digit
+    faint = np.full((28, 28), 0.04, dtype=np.float32)
+    assert isinstance(check_ink(faint), NoDigit)  # nothing reaches the ink level
+    stroke = np.zeros((28, 28), dtype=np.float32)
+    stroke[8:20, 14] = 0.3
+    assert check_ink(stroke) is stroke
+
+
+def test_dark_digit_on_an_opaque_card_with_transparent_margins() -> None:
+    # A white card (opaque) with a black 7 on it, inside a transparent border: the margins are
+    # paper like the card, not ink (the mean of all opaque pixels is light, so it used to fill dark).
+    card = draw_seven(size=200, ink=0, paper=255).convert("RGBA")
+    canvas = Image.new("RGBA", (400, 400), (0, 0, 0, 0))
+    canvas.paste(card, (100, 100))
+    gray = image_to_gray(open_image(png(canvas), 1_000_000))
+    assert gray[:50, :50].min() == pytest.approx(1.0)  # transparent margin became paper (white)
+    out = to_mnist(gray)
+    assert not isinstance(out, NoDigit)
+    reference = to_mnist(np.asarray(draw_seven(), dtype=np.float32) / 255)
+    assert np.abs(out - reference).mean() < 0.05  # the model sees the 7, not a card-shaped blob
+
+
+def test_light_digit_on_a_dark_card_with_transparent_margins() -> None:
+    card = draw_seven(size=200, ink=255, paper=0).convert("RGBA")
+    canvas = Image.new("RGBA", (400, 400), (255, 255, 255, 0))
+    canvas.paste(card, (100, 100))
+    gray = image_to_gray(open_image(png(canvas), 1_000_000))
+    assert gray[:50, :50].max() == pytest.approx(0.0)
+
+
+def test_dark_sixteen_bit_image_keeps_its_scale() -> None:
+    # A 16-bit PNG whose values all stay under 256 is nearly black: 200/65535, not 200/255.
+    values = np.zeros((64, 64), dtype=np.uint16)
+    values[10:50, 30:34] = 200
+    image = Image.fromarray(values)  # uint16: mode I;16
+    gray = image_to_gray(open_image(png(image), 1_000_000))
+    assert gray.max() == pytest.approx(200 / 65535, rel=1e-3)
+    bright = values * 300  # the same picture, really bright in 16 bits
+    gray_bright = image_to_gray(open_image(png(Image.fromarray(bright)), 1_000_000))
+    assert gray_bright.max() == pytest.approx(60000 / 65535, rel=1e-3)
 
 
 def test_palette_image_with_transparency_is_composited() -> None:
@@ -85,4 +138,4 @@ def test_open_image_refuses_before_decoding() -> None:
 def test_truncated_image_is_reported_when_decoded() -> None:
     data = encode(draw_seven(), "PNG")[:400]
     with pytest.raises(InvalidImage, match="truncated or corrupt"):
-        image_to_mnist(open_image(data, 1_000_000))
+        prepare_image(open_image(data, 1_000_000), preprocess=True)

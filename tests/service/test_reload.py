@@ -6,15 +6,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from model_artifact import ArtifactError, ArtifactMetadata, read_metadata, save_torchscript, write_artifact
+from model_artifact import (
+    ArtifactError,
+    ArtifactMetadata,
+    quiet_torchscript,
+    read_metadata,
+    save_torchscript,
+    write_artifact,
+)
 from service.app import create_app
 from service.config import Settings
-from tests.helpers import MeanIntensityNet
+from tests.helpers import MarkedNet, MeanIntensityNet, probe_image, version_of
+from tests.service.images import png
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "artifacts" / "mnist-cnn" / "1"
@@ -49,7 +59,7 @@ def artifacts(tmp_path: Path) -> Path:
 @pytest.fixture
 def watching(artifacts: Path) -> Iterator[TestClient]:
     settings = Settings(artifact_dir=artifacts, reload_interval_s=0.1, max_batch_size=8, admin_tokens=["admin"])
-    with TestClient(create_app(settings, registry=CollectorRegistry())) as client:
+    with TestClient(create_app(settings, metrics_registry=CollectorRegistry())) as client:
         yield client
 
 
@@ -127,12 +137,12 @@ def test_admin_reload_switches_or_says_unchanged_and_needs_its_token(watching: T
 
 
 def test_admin_reload_without_watching(artifacts: Path) -> None:
-    settings = Settings(artifact_dir=artifacts, reload_interval_s=0, max_batch_size=4)
-    with TestClient(create_app(settings, registry=CollectorRegistry())) as client:
+    settings = Settings(artifact_dir=artifacts, reload_interval_s=0, max_batch_size=4, admin_tokens=["admin"])
+    with TestClient(create_app(settings, metrics_registry=CollectorRegistry())) as client:
         publish(artifacts, copy_default_model)
         time.sleep(0.3)
         assert client.get("/readyz").json()["model"]["version"] == 1  # no watcher: nothing happens by itself
-        response = client.post("/v1/admin/reload")
+        response = client.post("/v1/admin/reload", headers={"Authorization": "Bearer admin"})
         assert response.json() == {"status": "reloaded", "previous_version": 1, "serving_version": 2}
         assert client.post("/v1/predict", json=PIXELS).headers["X-Model-Version"] == "2"
 
@@ -141,7 +151,7 @@ def test_start_up_refuses_a_model_that_fails_the_known_digits_check(tmp_path: Pa
     publish(tmp_path, digit_blind_model)
     with (
         pytest.raises(ArtifactError, match="sanity check failed"),
-        TestClient(create_app(Settings(artifact_dir=tmp_path), registry=CollectorRegistry())),
+        TestClient(create_app(Settings(artifact_dir=tmp_path), metrics_registry=CollectorRegistry())),
     ):
         pass
 
@@ -152,6 +162,101 @@ def test_start_up_refuses_metadata_whose_input_spec_does_not_match(tmp_path: Pat
     publish(tmp_path, copy_default_model, metadata=metadata.model_copy(update={"input": odd_input}))
     with (
         pytest.raises(ArtifactError, match="does not match what the service feeds"),
-        TestClient(create_app(Settings(artifact_dir=tmp_path), registry=CollectorRegistry())),
+        TestClient(create_app(Settings(artifact_dir=tmp_path), metrics_registry=CollectorRegistry())),
     ):
         pass
+
+
+def marked_model(version: int):
+    """Version `version` of the default model, answering probe images with its own version."""
+
+    def write(path: Path) -> None:
+        with quiet_torchscript():
+            inner = torch.jit.load(str(DEFAULT / "model.pt"))
+        save_torchscript(MarkedNet(inner, version), path, torch.zeros(1, 1, 28, 28))
+
+    return write
+
+
+def test_under_load_through_three_reloads_every_answer_comes_from_one_version(tmp_path: Path) -> None:
+    """Versions answer differently (a probe image names its version in digit and logits; each has its
+    own temperature). Whatever the watcher installs meanwhile, every response's body, header, digit
+    and logits name one and the same version."""
+    publish(tmp_path, marked_model(1))
+    settings = Settings(artifact_dir=tmp_path, reload_interval_s=0.05, max_batch_size=8, max_batch_wait_ms=2)
+    probe = probe_image()
+    pixels = {"pixels": probe.tolist()}
+    image = png(Image.fromarray((probe.numpy() * 255).astype(np.uint8)))
+    tensor = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": probe.flatten().tolist()}]}
+    mismatches: list[object] = []
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def check(response) -> None:
+        if response.status_code != 200:
+            mismatches.append(response.text)
+            return
+        body = response.json()
+        names = {"header": int(response.headers["X-Model-Version"])}
+        if "outputs" in body:
+            outputs = {o["name"]: o for o in body["outputs"]}
+            names |= {
+                "body": int(body["model_version"]),
+                "digit": outputs["digit"]["data"][0],
+                "logits": version_of(outputs["logits"]["data"]),
+            }
+        else:
+            names |= {"body": body["model"]["version"], "digit": body["digit"]}
+        if len({v % 10 for v in names.values()}) != 1:
+            mismatches.append(names)
+        seen.add(names["header"])
+
+    def traffic(client: TestClient, lane: int) -> None:
+        while not stop.is_set():
+            kind = lane % 3
+            if kind == 0:
+                check(client.post("/v1/predict", json=pixels))
+            elif kind == 1:
+                headers = {"Content-Type": "image/png"}
+                check(client.post("/v1/predict/image?preprocess=false", content=image, headers=headers))
+            else:
+                check(client.post("/v2/models/mnist-cnn/infer", json=tensor))
+            lane += 1
+
+    with TestClient(create_app(settings, metrics_registry=CollectorRegistry())) as client:
+        threads = [threading.Thread(target=traffic, args=(client, lane)) for lane in range(12)]
+        for thread in threads:
+            thread.start()
+        for version in (2, 3, 4):
+            time.sleep(0.2)
+            publish(tmp_path, marked_model(version), temperature=float(version))
+            wait_for_version(client, version)
+        time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert mismatches == []
+    assert seen == {1, 2, 3, 4}
+
+
+def test_a_refused_version_is_refused_again_cheaply_until_its_files_change(
+    watching: TestClient, artifacts: Path
+) -> None:
+    admin = {"Authorization": "Bearer admin"}
+    version_dir = publish(artifacts, digit_blind_model)  # version 2: valid files, wrong answers
+    first = watching.post("/v1/admin/reload", headers=admin)
+    assert first.status_code == 409
+    again = watching.post("/v1/admin/reload", headers=admin)
+    assert again.status_code == 409
+    assert again.json()["message"] == first.json()["message"]
+    metrics = watching.get("/metrics").text
+    assert 'digit_model_reloads_total{outcome="refused"} 1.0' in metrics  # vetted once, not on every call
+
+    # The operator fixes version 2 in place (new files, new checksum): it is vetted anew, and the
+    # watcher picks it up by itself.
+    metadata = read_metadata(version_dir)
+    copy_default_model(version_dir / "model.pt")
+    fixed = metadata.model_copy(update={"model_sha256": read_metadata(DEFAULT).model_sha256})
+    (version_dir / "metadata.json").write_text(fixed.model_dump_json())
+    wait_for_version(watching, 2)
+    assert watching.post("/v1/predict", json=PIXELS).headers["X-Model-Version"] == "2"

@@ -58,9 +58,37 @@ def test_probes_and_metadata_stay_open_and_metrics_can_be_closed(secured: TestCl
     assert secured.get("/metrics", headers={"Authorization": "Bearer admin-token"}).status_code == 200
 
 
-def test_everything_is_open_by_default(client: TestClient) -> None:
+def test_predictions_and_metrics_are_open_by_default_but_admin_routes_are_closed(client: TestClient) -> None:
     assert client.post("/v1/predict", json=PIXELS).status_code == 200
     assert client.get("/metrics").status_code == 200
+    reload = client.post("/v1/admin/reload")
+    assert reload.status_code == 403  # no admin token configured: closed, not open to anyone
+    assert "DIGIT_ADMIN_TOKENS" in reload.json()["message"]
+    assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer anything"}).status_code == 403
+
+
+def test_admin_routes_need_the_admin_token(secured: TestClient) -> None:
+    assert secured.post("/v1/admin/reload").status_code == 401
+    assert secured.post("/v1/admin/reload", headers={"Authorization": "Bearer inline-token"}).status_code == 401
+    # With the token the route is reached (this app serves an injected model, so there is nothing to reload).
+    allowed = secured.post("/v1/admin/reload", headers={"Authorization": "Bearer admin-token"})
+    assert allowed.status_code == 409
+
+
+def test_openapi_shows_the_bearer_security_schemes(client: TestClient) -> None:
+    spec = client.app.openapi()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["api_token"] == {**schemes["api_token"], "type": "http", "scheme": "bearer"}
+    assert schemes["admin_token"]["scheme"] == "bearer"
+    assert spec["paths"]["/v1/predict"]["post"]["security"] == [{"api_token": []}]
+    assert spec["paths"]["/v2/models/{name}/infer"]["post"]["security"] == [{"api_token": []}]
+    assert spec["paths"]["/v1/admin/reload"]["post"]["security"] == [{"admin_token": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+
+
+def test_metrics_behind_a_token_needs_admin_tokens_configured() -> None:
+    with pytest.raises(ValueError, match="metrics_require_token needs admin tokens"):
+        Settings(metrics_require_token=True)
 
 
 def test_an_unreadable_token_file_stops_start_up(tmp_path: Path) -> None:
@@ -92,6 +120,26 @@ def test_cors_is_closed_by_default_and_opens_only_for_configured_origins() -> No
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
         other = open_.options("/v1/predict", headers=preflight)
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_lets_browsers_send_the_deadline_and_read_retry_after() -> None:
+    origin = "https://app.example"
+    with build_client(Settings(cors_origins=[origin])) as client:
+        preflight = client.options(
+            "/v1/predict",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, x-request-timeout, x-request-id",
+            },
+        )
+        assert preflight.status_code == 200, preflight.text
+        allowed = preflight.headers["access-control-allow-headers"].lower()
+        assert "x-request-timeout" in allowed and "x-request-id" in allowed
+        response = client.post("/v1/predict", json=PIXELS, headers={"Origin": origin})
+        exposed = response.headers["access-control-expose-headers"].lower()
+        for header in ("retry-after", "x-model-version", "x-request-id", "server-timing"):
+            assert header in exposed
 
 
 def test_errors_reveal_no_paths_or_stack_traces(client: TestClient) -> None:

@@ -62,7 +62,19 @@ def test_model_metadata_lists_tensor_specs(client: TestClient) -> None:
         assert meta["name"] == "tiny"
         assert meta["versions"] == ["1"]
         assert meta["platform"] == "pytorch_torchscript"
-        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+        assert meta["inputs"] == [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [-1, 1, 28, 28],
+                # every form the input is accepted in
+                "parameters": {
+                    "accepted_datatypes": ["FP32", "UINT8"],
+                    "accepted_shapes": [[-1, 1, 28, 28], [-1, 784]],
+                    "range": {"FP32": [0.0, 1.0], "UINT8": [0, 255]},
+                },
+            }
+        ]
         assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
             ("logits", "FP32", [-1, 10]),
             ("probabilities", "FP32", [-1, 10]),
@@ -278,7 +290,11 @@ def test_tritonclient_reads_metadata_checks_health_and_recognises_real_digits(li
     assert server["name"] == "digit-service"
     assert "binary_tensor_data" in server["extensions"]
     model = client.get_model_metadata("mnist-cnn")
-    assert model["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}
+    assert {key: model["inputs"][0][key] for key in ("name", "datatype", "shape")} == {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": [-1, 1, 28, 28],
+    }
 
     test = load_mnist().test
     images, labels = test.images[:64], test.labels[:64].astype(np.int64)
@@ -306,3 +322,30 @@ def test_tritonclient_reads_metadata_checks_health_and_recognises_real_digits(li
         wrong.set_data_from_numpy(np.zeros((1, 784)))
         client.infer("mnist-cnn", [wrong])
     client.close()
+
+
+def test_an_input_with_no_digit_gets_digit_minus_one_like_v1_says_no_digit(client: TestClient) -> None:
+    blank = [0] * 784
+    stroke = [0] * 784
+    for row in range(6, 22):
+        stroke[row * 28 + 14] = 128
+    body = {"inputs": [{"name": "input", "shape": [2, 784], "datatype": "UINT8", "data": blank + stroke}]}
+    response = client.post("/v2/models/mnist-cnn/infer", json=body)
+    assert response.status_code == 200
+    out = outputs(response)
+    assert out["digit"]["data"][0] == -1  # the same rule as /v1's "no digit found"
+    assert out["probabilities"]["data"][:10] == [0.0] * 10
+    assert out["digit"]["data"][1] != -1
+    assert response.headers["X-Batch-Size"] == "1"  # only the real image reached the model
+    v1 = client.post("/v1/predict", json={"instances": [[0.0] * 784, [v / 255 for v in stroke]]}).json()
+    assert v1["predictions"][0]["digit"] is None
+    assert v1["predictions"][1]["digit"] == out["digit"]["data"][1]
+
+
+def test_a_body_in_a_browser_form_type_is_refused(client: TestClient) -> None:
+    body = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
+    response = client.post(
+        "/v2/models/mnist-cnn/infer", content=json.dumps(body), headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 415
+    assert set(response.json()) == {"error"}

@@ -3,6 +3,9 @@
 JSON tensors (flattened or nested, row-major) and the binary tensor data extension: a JSON
 header of `Inference-Header-Content-Length` bytes followed by the raw tensors, each input or
 output marked with a `binary_data_size` parameter.
+
+An input that holds no digit (the shared rule in `service.preprocessing`) is answered, not
+guessed at: `digit` -1, and zeros for its `logits` and `probabilities`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import ServiceError
+from service.errors import ServiceError, describe_validation
+from service.pipeline import Outcome
+from service.preprocessing import Prepared, check_ink
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 INPUT_NAME = "input"
@@ -56,17 +61,11 @@ class InferenceRequest(_Strict):
 
 
 @dataclass(frozen=True)
-class ParsedRequest:
+class Decoded:
     id: str | None
-    images: np.ndarray  # float32 [N, 1, 28, 28] in 0..1
+    inputs: list[Prepared]  # one 28x28 float32 in 0..1 per image, or why it holds no digit
     outputs: list[tuple[str, bool]]  # (name, as binary)
-    timeout_s: float | None  # the client's own deadline, from the `timeout` parameter (microseconds)
-
-
-def _describe(exc: ValidationError) -> str:
-    error = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in error["loc"]) or "request"
-    return f"invalid inference request: {where}: {error['msg']}"
+    timeout_s: float | None  # the client's deadline: the `timeout` parameter or the header, whichever is sooner
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -121,7 +120,7 @@ def _to_images(values: np.ndarray, spec: RequestInput) -> np.ndarray:
             raise ProtocolError(f"input '{spec.name}': FP32 values must be finite (no NaN or Infinity)")
         if images.min() < 0.0 or images.max() > 1.0:
             raise ProtocolError(f"input '{spec.name}': FP32 values must be in 0..1 (white digit on black)")
-    return images.reshape(spec.shape[0], 1, 28, 28)
+    return images.reshape(spec.shape[0], 28, 28)
 
 
 def _requested_outputs(request: InferenceRequest) -> list[tuple[str, bool]]:
@@ -138,7 +137,9 @@ def _requested_outputs(request: InferenceRequest) -> list[tuple[str, bool]]:
     return chosen
 
 
-def parse_infer_request(body: bytes, header_length: str | None, max_images: int) -> ParsedRequest:
+def parse_infer_request(
+    body: bytes, header_length: str | None, max_images: int, header_timeout_s: float | None = None
+) -> Decoded:
     """Decode and check an inference request for the digit model."""
     if not body:
         raise ProtocolError("request body is empty; send an inference request JSON object")
@@ -148,7 +149,8 @@ def parse_infer_request(body: bytes, header_length: str | None, max_images: int)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             raise ProtocolError("request body is not valid JSON") from None
-        raise ProtocolError(_describe(exc)) from None
+        message, _ = describe_validation(exc.errors(include_url=False), limit=1)
+        raise ProtocolError(f"invalid inference request: {message}") from None
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
         names = ", ".join(f"'{i.name}'" for i in request.inputs)
         raise ProtocolError(f"this model has one input named '{INPUT_NAME}', got {names}")
@@ -172,20 +174,18 @@ def parse_infer_request(body: bytes, header_length: str | None, max_images: int)
         values = _tensor_from_json(spec.data, spec, count)
     timeout = request.parameters.get("timeout")
     timeout_s = timeout / 1e6 if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout > 0 else None
-    return ParsedRequest(request.id, _to_images(values, spec), _requested_outputs(request), timeout_s)
+    deadlines = [t for t in (timeout_s, header_timeout_s) if t is not None]
+    inputs = [check_ink(image) for image in _to_images(values, spec)]
+    return Decoded(request.id, inputs, _requested_outputs(request), min(deadlines, default=None))
 
 
-def encode_infer_response(
-    model_name: str,
-    model_version: str,
-    request_id: str | None,
-    tensors: dict[str, np.ndarray],
-    requested: list[tuple[str, bool]],
-) -> tuple[bytes, dict[str, str]]:
-    """The response body and its content headers; binary outputs follow the JSON header."""
+def encode_infer_response(outcome: Outcome, decoded: Decoded) -> tuple[bytes, dict[str, str]]:
+    """The response body and its content headers; binary outputs follow the JSON header.
+    `model_version` names the version that computed every output."""
+    tensors = {"logits": outcome.logits, "probabilities": outcome.probabilities, "digit": outcome.digits}
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for name, binary in requested:
+    for name, binary in decoded.outputs:
         array = tensors[name]
         datatype = "INT64" if array.dtype == np.int64 else "FP32"
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
@@ -196,9 +196,13 @@ def encode_infer_response(
         else:
             entry["data"] = array.reshape(-1).tolist()
         outputs.append(entry)
-    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
-    if request_id is not None:
-        response["id"] = request_id
+    response: dict[str, Any] = {
+        "model_name": outcome.model.name,
+        "model_version": str(outcome.model.version),
+        "outputs": outputs,
+    }
+    if decoded.id is not None:
+        response["id"] = decoded.id
     header = json.dumps(response, separators=(",", ":")).encode()
     if not blobs:
         return header, {"Content-Type": "application/json"}
@@ -229,7 +233,20 @@ def model_metadata(name: str, version: int) -> dict[str, Any]:
         "name": name,
         "versions": [str(version)],
         "platform": PLATFORM,
-        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+        # The protocol's tensor metadata names one datatype and shape; `parameters` lists every form
+        # this input is accepted in (FP32 0..1 or UINT8 0..255; [N, 1, 28, 28] or [N, 784]).
+        "inputs": [
+            {
+                "name": INPUT_NAME,
+                "datatype": "FP32",
+                "shape": [-1, 1, 28, 28],
+                "parameters": {
+                    "accepted_datatypes": list(INPUT_DTYPES),
+                    "accepted_shapes": [[-1, 1, 28, 28], [-1, 784]],
+                    "range": {"FP32": [0.0, 1.0], "UINT8": [0, 255]},
+                },
+            }
+        ],
         "outputs": [
             {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},

@@ -1,0 +1,150 @@
+"""The one path from decoded inputs to calibrated predictions, shared by /v1 and /v2.
+
+    decode (the API's codec) -> preprocess (shared) -> predict (batcher) -> postprocess (shared) -> encode (codec)
+
+The codecs turn HTTP bodies into `Prepared` inputs (28x28 arrays, or why there is no digit)
+with the shared preprocessing, and `Outcome`s back into bodies. Everything between is here:
+admission, decoding work moved off the event loop when it is big, batching on the model the
+request resolved, and the softmax with that model's temperature. This module knows nothing
+of HTTP headers or routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.predictor import Predictor
+from service.preprocessing import NoDigit, Prepared
+
+
+class Decoded(Protocol):
+    """What a codec's decode step produces: the model inputs and the client's own deadline."""
+
+    @property
+    def inputs(self) -> list[Prepared]: ...
+
+    @property
+    def timeout_s(self) -> float | None: ...
+
+
+D = TypeVar("D", bound=Decoded)
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_s: float  # longest an image of the request waited for a batch
+    preprocess_s: float  # decoding and preprocessing
+    inference_s: float  # forward passes the request took part in
+    batch_size: int  # the largest batch it took part in (0: nothing needed the model)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Predictions for every input of one request, all computed by `model`."""
+
+    model: Predictor
+    logits: np.ndarray  # [k, 10] float32; zeros where there is no digit
+    probabilities: np.ndarray  # [k, 10] float32, calibrated with the model's temperature; zeros where no digit
+    digits: np.ndarray  # [k] int64; -1 where there is no digit
+    confidences: np.ndarray  # [k] float32; 0 where there is no digit
+    no_digit: list[str | None]  # why input i holds no digit, or None
+    inputs: list[np.ndarray | None]  # the 28x28 each input became (None where there is no digit)
+    timing: Timing
+
+
+class Pipeline:
+    def __init__(
+        self,
+        batcher: Batcher,
+        metrics: Metrics,
+        *,
+        request_timeout_s: float,
+        decode_workers: int = 2,
+    ) -> None:
+        self._batcher = batcher
+        self._metrics = metrics
+        self._request_timeout_s = request_timeout_s
+        # Big bodies and images are decoded here, off the event loop; few workers bound the
+        # memory that many large uploads at once could take.
+        self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
+        self._decoding = 0  # requests between a read body and their submission to the batcher
+
+    @property
+    def on_the_way(self) -> int:
+        """Requests that will reach the batcher within a moment (for its batching wait): their body is
+        read and they are being decoded. Slow uploads and requests already answered do not count."""
+        return self._decoding
+
+    def deadline(self, timeout_s: float | None) -> float:
+        """The client's deadline, never longer than the server's request timeout."""
+        return self._request_timeout_s if timeout_s is None else min(timeout_s, self._request_timeout_s)
+
+    def admit(self, timeout_s: float | None = None) -> None:
+        """Refuse now, before a body is read, what the batcher would refuse anyway (503, 429)."""
+        self._batcher.admit(1, self.deadline(timeout_s))
+
+    async def run(self, model: Predictor, decode: Callable[[], D], *, offload: bool) -> tuple[D, Outcome]:
+        """Decode (on a worker thread when `offload`), preprocess, predict with `model`, calibrate."""
+        self._decoding += 1
+        submitted = False
+        try:
+            started = time.perf_counter()
+            if offload:
+                decoded = await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
+            else:
+                decoded = decode()
+            preprocess_s = time.perf_counter() - started
+            images = [item for item in decoded.inputs if not isinstance(item, NoDigit)]
+            if not images:
+                return decoded, self._postprocess(model, decoded.inputs, None, Timing(0.0, preprocess_s, 0.0, 0))
+            batch = torch.from_numpy(np.stack(images)).unsqueeze(1)
+            self._decoding -= 1  # from here on the batcher counts it as queued
+            submitted = True
+            result = await self._batcher.submit(batch, model, self.deadline(decoded.timeout_s))
+        finally:
+            if not submitted:
+                self._decoding -= 1
+        timing = Timing(result.queue_s, preprocess_s, result.inference_s, result.batch_size)
+        return decoded, self._postprocess(model, decoded.inputs, result.logits, timing)
+
+    def _postprocess(
+        self, model: Predictor, inputs: list[Prepared], logits: torch.Tensor | None, timing: Timing
+    ) -> Outcome:
+        count = len(inputs)
+        all_logits = np.zeros((count, 10), dtype=np.float32)
+        probabilities = np.zeros((count, 10), dtype=np.float32)
+        digits = np.full(count, -1, dtype=np.int64)
+        confidences = np.zeros(count, dtype=np.float32)
+        with_digit = [i for i, item in enumerate(inputs) if not isinstance(item, NoDigit)]
+        if logits is not None and with_digit:
+            calibrated = torch.softmax(logits / model.temperature, dim=1)
+            best, chosen = calibrated.max(dim=1)
+            all_logits[with_digit] = logits.numpy()
+            probabilities[with_digit] = calibrated.numpy()
+            digits[with_digit] = chosen.numpy()
+            confidences[with_digit] = best.numpy()
+            for digit, confidence in zip(chosen.tolist(), best.tolist(), strict=True):
+                self._metrics.predicted(digit, confidence)
+        return Outcome(
+            model=model,
+            logits=all_logits,
+            probabilities=probabilities,
+            digits=digits,
+            confidences=confidences,
+            no_digit=[item.reason if isinstance(item, NoDigit) else None for item in inputs],
+            inputs=[None if isinstance(item, NoDigit) else item for item in inputs],
+            timing=timing,
+        )
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=False, cancel_futures=True)
