@@ -62,8 +62,7 @@ class Metrics:
         )
         for reason in ("queue_full", "deadline", "timeout", "unavailable"):
             self.rejections.labels(reason=reason)
-        for digit in range(10):
-            self.predictions.labels(digit=str(digit))
+        self._per_digit = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
         for outcome in ("reloaded", "refused"):
             self.reloads.labels(outcome=outcome)
 
@@ -87,9 +86,10 @@ class Metrics:
 
     # --- the rest ------------------------------------------------------------------------
 
-    def predicted(self, digit: int, confidence: float) -> None:
-        self.predictions.labels(digit=str(digit)).inc()
-        self.confidence.observe(confidence)
+    def predicted_many(self, digits: list[int], confidences: list[float]) -> None:
+        for digit, confidence in zip(digits, confidences, strict=True):
+            self._per_digit[digit].inc()
+            self.confidence.observe(confidence)
 
     def reloaded(self, outcome: str) -> None:
         self.reloads.labels(outcome=outcome).inc()

@@ -120,31 +120,36 @@ class Pipeline:
     def _postprocess(
         self, model: Predictor, inputs: list[Prepared], logits: torch.Tensor | None, timing: Timing
     ) -> Outcome:
-        count = len(inputs)
-        all_logits = np.zeros((count, 10), dtype=np.float32)
-        probabilities = np.zeros((count, 10), dtype=np.float32)
-        digits = np.full(count, -1, dtype=np.int64)
-        confidences = np.zeros(count, dtype=np.float32)
-        with_digit = [i for i, item in enumerate(inputs) if not isinstance(item, NoDigit)]
-        if logits is not None and with_digit:
-            calibrated = torch.softmax(logits / model.temperature, dim=1)
-            best, chosen = calibrated.max(dim=1)
-            all_logits[with_digit] = logits.numpy()
-            probabilities[with_digit] = calibrated.numpy()
-            digits[with_digit] = chosen.numpy()
-            confidences[with_digit] = best.numpy()
-            for digit, confidence in zip(chosen.tolist(), best.tolist(), strict=True):
-                self._metrics.predicted(digit, confidence)
-        return Outcome(
-            model=model,
-            logits=all_logits,
-            probabilities=probabilities,
-            digits=digits,
-            confidences=confidences,
-            no_digit=[item.reason if isinstance(item, NoDigit) else None for item in inputs],
-            inputs=[None if isinstance(item, NoDigit) else item for item in inputs],
-            timing=timing,
-        )
+        """Softmax with the model's own temperature; inputs with no digit get -1 and zero rows."""
+        no_digit = [item.reason if isinstance(item, NoDigit) else None for item in inputs]
+        seen = [None if isinstance(item, NoDigit) else item for item in inputs]
+        if logits is None:
+            count = len(inputs)
+            zeros = np.zeros((count, 10), dtype=np.float32)
+            return Outcome(model, zeros, zeros, np.full(count, -1), np.zeros(count, np.float32), no_digit, seen, timing)
+        raw = logits.numpy()
+        shifted = raw / model.temperature
+        shifted -= shifted.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        calibrated = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+        chosen = calibrated.argmax(axis=1)
+        best = calibrated[np.arange(len(chosen)), chosen]
+        self._metrics.predicted_many(chosen.tolist(), best.tolist())
+        if len(raw) < len(inputs):  # some inputs had no digit: spread the rows out, zeros between
+            rows = [i for i, reason in enumerate(no_digit) if reason is None]
+            raw, calibrated, chosen, best = (
+                _spread(raw, rows, len(inputs), 0.0),
+                _spread(calibrated, rows, len(inputs), 0.0),
+                _spread(chosen, rows, len(inputs), -1),
+                _spread(best, rows, len(inputs), 0.0),
+            )
+        return Outcome(model, raw, calibrated, chosen.astype(np.int64, copy=False), best, no_digit, seen, timing)
 
     def close(self) -> None:
         self._decoder.shutdown(wait=False, cancel_futures=True)
+
+
+def _spread(values: np.ndarray, rows: list[int], count: int, fill: float) -> np.ndarray:
+    out = np.full((count, *values.shape[1:]), fill, dtype=values.dtype)
+    out[rows] = values
+    return out

@@ -12,9 +12,8 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.auth import ApiAuth
 from service.codecs import v1
-from service.deps import CurrentModel, PipelineDep, SettingsDep
+from service.deps import ServingDep
 from service.errors import BadRequest, ErrorBody, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.preprocessing import ALLOWED_FORMATS
 from service.routes.http import (
@@ -27,7 +26,7 @@ from service.routes.http import (
 )
 from service.schemas import BatchPredictResponse, PredictRequest, PredictResponse
 
-router = APIRouter(prefix="/v1", tags=["prediction"], dependencies=[ApiAuth])
+router = APIRouter(prefix="/v1", tags=["prediction"])
 
 IMAGE_TYPES = sorted(set(ALLOWED_FORMATS.values()))
 INLINE_PIXELS = 128 * 128  # uploads with more pixels in all are decoded on a worker thread, off the event loop
@@ -63,9 +62,7 @@ def _response(body: bytes, headers: dict[str, str]) -> Response:
 )
 async def predict_pixels(
     request: Request,
-    model: CurrentModel,
-    pipeline: PipelineDep,
-    settings: SettingsDep,
+    serving: ServingDep,
     return_input: ReturnInput = None,
     preprocess: Preprocess = None,
 ) -> Response:
@@ -75,15 +72,16 @@ async def predict_pixels(
     `{"digit", "confidence", "probabilities", "model"}`; `instances` answers `{"predictions": [...], "model"}`.
     An image with no digit answers `digit: null` with a `detail`.
     Headers: `X-Model-Version`, `X-Batch-Size`, `Server-Timing` (queue, preprocess, inference in ms)."""
-    timeout_s = client_timeout(request.headers)
+    pipeline, settings = serving.pipeline, serving.settings
+    timeout_s = client_timeout(request)
     pipeline.admit(timeout_s)  # not ready, queue full or hopeless: say so before reading the body
-    require_media_type(request.headers, ["application/json"])
+    require_media_type(request, ["application/json"])
     body = await request.body()
     if not body.strip():
         raise BadRequest("request body is empty; send a JSON object")
     options = v1.Options(return_input=return_input, preprocess=preprocess)
     decoded, outcome = await pipeline.run(
-        model,
+        serving.model,
         lambda: v1.decode_pixels(body, options, settings, timeout_s),
         offload=len(body) > INLINE_BODY_BYTES,
     )
@@ -92,7 +90,7 @@ async def predict_pixels(
 
 async def _read_uploads(request: Request, max_files: int) -> tuple[list[bytes], bool]:
     """The uploaded images' bytes, and whether the request was one raw image (answered as one object)."""
-    kind = media_type(request.headers)
+    kind = media_type(request)
     if kind == "multipart/form-data":
         try:
             form = await request.form(max_files=max_files, max_fields=max_files)
@@ -141,9 +139,7 @@ async def _read_uploads(request: Request, max_files: int) -> tuple[list[bytes], 
 )
 async def predict_image(
     request: Request,
-    model: CurrentModel,
-    pipeline: PipelineDep,
-    settings: SettingsDep,
+    serving: ServingDep,
     return_input: ReturnInput = None,
     preprocess: Preprocess = None,
 ) -> Response:
@@ -153,13 +149,14 @@ async def predict_image(
     mode; dark-on-light and light-on-dark both work. The image is made MNIST-like: cropped to the ink,
     scaled to 20 px, centred by mass in 28x28 (`preprocess=false`: it already is, 28x28 white on black).
     An image with no digit answers `digit: null` with a `detail`."""
-    timeout_s = client_timeout(request.headers)
+    pipeline, settings = serving.pipeline, serving.settings
+    timeout_s = client_timeout(request)
     pipeline.admit(timeout_s)  # not ready, queue full or hopeless: say so before reading the body
     blobs, single = await _read_uploads(request, settings.max_files)
     images = v1.open_images(blobs, single, settings)  # headers only: sizes are checked before any decoding
     options = v1.Options(return_input=return_input, preprocess=preprocess)
     decoded, outcome = await pipeline.run(
-        model,
+        serving.model,
         lambda: v1.decode_images(images, single, options, timeout_s),
         offload=sum(image.width * image.height for image in images) > INLINE_PIXELS,
     )

@@ -10,9 +10,8 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from service import __version__
-from service.auth import ApiAuth
 from service.codecs.oip import HEADER_LENGTH, encode_infer_response, model_metadata, parse_infer_request, request_schema
-from service.deps import CurrentModel, LifecycleDep, PipelineDep, RegistryDep, SettingsDep
+from service.deps import CurrentModel, LifecycleDep, RegistryDep, Serving, ServingDep, SettingsDep
 from service.errors import ServiceError
 from service.predictor import Predictor
 from service.routes.http import INLINE_BODY_BYTES, client_timeout, require_media_type, served_headers
@@ -93,13 +92,12 @@ async def _ready(
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
 
 
-async def _infer(
-    request: Request, model: Predictor, pipeline: PipelineDep, settings: SettingsDep, name: str, version: str | None
-) -> Response:
-    model = _check(model, settings.model_name, name, version)
-    header_timeout_s = client_timeout(request.headers)
+async def _infer(request: Request, serving: Serving, name: str, version: str | None) -> Response:
+    pipeline, settings = serving.pipeline, serving.settings
+    model = _check(serving.model, settings.model_name, name, version)
+    header_timeout_s = client_timeout(request)
     pipeline.admit(header_timeout_s)  # before reading the body: shedding load stays cheap
-    require_media_type(request.headers, ["application/json", "application/octet-stream"])
+    require_media_type(request, ["application/json", "application/octet-stream"])
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
     decoded, outcome = await pipeline.run(
@@ -171,15 +169,11 @@ async def model_ready_versioned(
     return await _ready(lifecycle, registry, settings.model_name, name, version)
 
 
-@router.post("/models/{name}/infer", dependencies=[ApiAuth], **_INFER_DOC)
-async def infer_latest(
-    name: str, request: Request, model: CurrentModel, pipeline: PipelineDep, settings: SettingsDep
-) -> Response:
-    return await _infer(request, model, pipeline, settings, name, None)
+@router.post("/models/{name}/infer", **_INFER_DOC)
+async def infer_latest(name: str, request: Request, serving: ServingDep) -> Response:
+    return await _infer(request, serving, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", dependencies=[ApiAuth], **_INFER_DOC)
-async def infer_versioned(
-    name: str, version: str, request: Request, model: CurrentModel, pipeline: PipelineDep, settings: SettingsDep
-) -> Response:
-    return await _infer(request, model, pipeline, settings, name, version)
+@router.post("/models/{name}/versions/{version}/infer", **_INFER_DOC)
+async def infer_versioned(name: str, version: str, request: Request, serving: ServingDep) -> Response:
+    return await _infer(request, serving, name, version)
