@@ -71,6 +71,7 @@ def create_app(
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_s,
         queue_limit=settings.queue_limit,
+        max_queue_delay_s=settings.max_queue_delay_s,
         observer=metrics,
     )
     pipeline = Pipeline(batcher, metrics, request_timeout_s=settings.request_timeout_s)

@@ -87,16 +87,20 @@ class Batcher:
         max_batch_size: int = 64,
         max_batch_wait_s: float = 0.002,
         queue_limit: int = 2048,
+        max_queue_delay_s: float = 0.05,
         observer: BatchObserver | None = None,
         on_the_way: Callable[[], int] | None = None,
     ) -> None:
         """`on_the_way()` counts requests about to be submitted (their bodies are being decoded); when
         it is zero there is nobody to wait for, so a lone request runs at once."""
-        if max_batch_size < 1 or queue_limit < 1 or max_batch_wait_s < 0:
-            raise ValueError("max_batch_size and queue_limit must be >= 1, max_batch_wait_s >= 0")
+        if max_batch_size < 1 or queue_limit < 1 or max_batch_wait_s < 0 or max_queue_delay_s <= 0:
+            raise ValueError(
+                "max_batch_size and queue_limit must be >= 1, max_batch_wait_s >= 0, max_queue_delay_s > 0"
+            )
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
         self.queue_limit = queue_limit
+        self.max_queue_delay_s = max_queue_delay_s
         self._observer = observer
         self.on_the_way = on_the_way or (lambda: 1)
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -152,9 +156,15 @@ class Batcher:
     # --- submitting ----------------------------------------------------------------------
 
     def admit(self, count: int, timeout_s: float) -> None:
-        """Raise the answer `count` more images would get (503, or 429 when the queue is full or
-        the wait would outlast the deadline). Handlers call it with 1 before reading a body, so
-        shedding load costs almost nothing; submit() checks again with the real count."""
+        """Raise the answer `count` more images would get: 503 when not serving; 429 when the queue
+        is full, when the work already queued would keep them waiting longer than the target queue
+        delay, or when they could not be done within their deadline. Handlers call it with 1 before
+        reading a body, so shedding load costs almost nothing; submit() checks again with the real count.
+
+        The target is a delay, not an image count (as in CoDel): however fast the model is today, an
+        admitted request never queues behind more than `max_queue_delay_s` of work, so latency stays
+        bounded under overload and the excess is told at once to come back later. A request's own
+        images are service time, not queueing: a large request into an empty queue is admitted."""
         if self._stopping or self._task is None or self._task.done():
             self._report_rejected("unavailable")
             raise ServiceUnavailable(
@@ -164,6 +174,14 @@ class Batcher:
             self._report_rejected("queue_full")
             raise Overloaded(
                 f"server busy: {self._queued_images} images queued (limit {self.queue_limit}); retry later",
+                headers={"Retry-After": str(self._retry_after_s())},
+            )
+        backlog_s = self.expected_wait_s()
+        if backlog_s > self.max_queue_delay_s:
+            self._report_rejected("queue_delay")
+            raise Overloaded(
+                f"server busy: {backlog_s * 1000:.0f} ms of work queued (target {self.max_queue_delay_s * 1000:.0f} ms); "
+                "retry later",
                 headers={"Retry-After": str(self._retry_after_s())},
             )
         expected_wait_s = self.expected_wait_s(count)

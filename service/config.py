@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="most images in one forward pass")
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, in ms")
     queue_limit: int = Field(2048, ge=1, description="most images waiting; beyond it requests get 429")
+    max_queue_delay_ms: float = Field(
+        50.0,
+        gt=0,
+        le=60_000,
+        description="admit a request only while the work queued ahead of it takes at most this long, in ms; "
+        "beyond it requests get 429 at once",
+    )
     request_timeout_s: float = Field(10.0, gt=0, le=600, description="longest a request waits for its result")
     reload_interval_s: float = Field(
         10.0, ge=0, le=3600, description="how often to look for a newer model version, in s; 0: only on admin reload"
@@ -90,6 +97,10 @@ class Settings(BaseSettings):
     @property
     def max_batch_wait_s(self) -> float:
         return self.max_batch_wait_ms / 1000.0
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
 
     @classmethod
     def env_names(cls) -> dict[str, str]:

@@ -60,7 +60,7 @@ class Metrics:
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "the model being served (value 1)", ["name", "version"], registry=r
         )
-        for reason in ("queue_full", "deadline", "timeout", "unavailable"):
+        for reason in ("queue_full", "queue_delay", "deadline", "timeout", "unavailable"):
             self.rejections.labels(reason=reason)
         self._per_digit = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
         for outcome in ("reloaded", "refused"):

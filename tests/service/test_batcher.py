@@ -332,7 +332,9 @@ async def test_observer_sees_batches_depth_and_waits() -> None:
 async def test_a_request_that_would_miss_its_deadline_is_refused_at_once() -> None:
     model = GatedModel(delay_s=0.05)  # at most 20 images/s at batch 1 (fewer on a slow machine)
     observer = Observer()
-    batcher = await started(max_batch_size=1, max_batch_wait_s=0.0, observer=observer, on_the_way=lambda: 0)
+    batcher = await started(
+        max_batch_size=1, max_batch_wait_s=0.0, max_queue_delay_s=60.0, observer=observer, on_the_way=lambda: 0
+    )
     await within(batcher.submit(images(0.1), model, 5))  # measures the throughput
     model.gate.clear()
     backlog = [asyncio.create_task(batcher.submit(images(0.2), model, 5)) for _ in range(6)]
@@ -345,4 +347,29 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_at_once() -> No
     model.gate.set()
     await within(asyncio.gather(*backlog))
     assert digits(await within(batcher.submit(images(0.4), model, 0.2))) == [4]  # an empty queue admits it again
+    await batcher.stop()
+
+
+async def test_admission_is_by_queue_delay_not_image_count() -> None:
+    model = GatedModel(delay_s=0.05)  # at most 20 images/s at batch 1 (fewer on a slow machine)
+    observer = Observer()
+    batcher = await started(
+        max_batch_size=1, max_batch_wait_s=0.0, max_queue_delay_s=0.05, observer=observer, on_the_way=lambda: 0
+    )
+    # Into an empty queue even a large request is admitted: its own images are service time, not queueing.
+    big = await within(batcher.submit(images(*([0.1] * 4)), model, 5))
+    assert digits(big) == [1, 1, 1, 1]
+    model.gate.clear()
+    running = asyncio.create_task(batcher.submit(images(0.2), model, 5))
+    await model.running()
+    queued = asyncio.create_task(batcher.submit(images(0.3, 0.3), model, 5))  # 2 images: >= 100 ms of work
+    await asyncio.sleep(0.01)
+    assert batcher.expected_wait_s() > 0.05
+    with pytest.raises(Overloaded, match=r"ms of work queued \(target 50 ms\)") as excinfo:
+        await batcher.submit(images(0.4), model, 5)  # far from the queue limit, but it would wait too long
+    assert int(excinfo.value.headers["Retry-After"]) >= 1
+    assert observer.rejections == ["queue_delay"]
+    model.gate.set()
+    await within(asyncio.gather(running, queued))
+    assert digits(await within(batcher.submit(images(0.5), model, 5))) == [5]  # drained: admitted again
     await batcher.stop()

@@ -183,7 +183,9 @@ def test_under_load_through_three_reloads_every_answer_comes_from_one_version(tm
     own temperature). Whatever the watcher installs meanwhile, every response's body, header, digit
     and logits name one and the same version."""
     publish(tmp_path, marked_model(1))
-    settings = Settings(artifact_dir=tmp_path, reload_interval_s=0.05, max_batch_size=8, max_batch_wait_ms=2)
+    settings = Settings(
+        artifact_dir=tmp_path, reload_interval_s=0.05, max_batch_size=8, max_batch_wait_ms=2, max_queue_delay_ms=10_000
+    )
     probe = probe_image()
     pixels = {"pixels": probe.tolist()}
     image = png(Image.fromarray((probe.numpy() * 255).astype(np.uint8)))
