@@ -29,7 +29,13 @@ from service.config import Settings
 from service.errors import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
-from service.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, ObservingMiddleware, SecurityHeadersMiddleware
+from service.middleware import (
+    REQUEST_ID_HEADER,
+    BodyLimitMiddleware,
+    ObservingMiddleware,
+    SecurityHeadersMiddleware,
+    SheddingMiddleware,
+)
 from service.model_registry import ModelRegistry
 from service.pipeline import Pipeline
 from service.predictor import Predictor
@@ -136,6 +142,7 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
     )
+    app.add_middleware(SheddingMiddleware, pipeline=pipeline)
     app.add_middleware(ObservingMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware)
     if settings.cors_origins:

@@ -87,7 +87,7 @@ class Batcher:
         max_batch_size: int = 64,
         max_batch_wait_s: float = 0.002,
         queue_limit: int = 2048,
-        max_queue_delay_s: float = 0.05,
+        max_queue_delay_s: float = 0.5,
         observer: BatchObserver | None = None,
         on_the_way: Callable[[], int] | None = None,
     ) -> None:
@@ -112,6 +112,10 @@ class Batcher:
         self._running: list[_Piece] = []  # the batch on the worker thread right now
         self._recent_rate = 0.0  # images per second, smoothed; for Retry-After
         self.failure: BaseException | None = None  # why the collector died, if it did
+        # Images/s of recent batches at least half full: what the model does when it is busy. The
+        # queue's delay is judged at this rate; a rate measured on the small batches of a quiet
+        # period would under-rate the model and refuse work it could easily do.
+        self._busy_rate = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -157,13 +161,13 @@ class Batcher:
 
     def admit(self, count: int, timeout_s: float) -> None:
         """Raise the answer `count` more images would get: 503 when not serving; 429 when the queue
-        is full, when the work already queued would keep them waiting longer than the target queue
-        delay, or when they could not be done within their deadline. Handlers call it with 1 before
-        reading a body, so shedding load costs almost nothing; submit() checks again with the real count.
+        is full, when queued work already waits longer than the target queue delay, or when they
+        could not be done within their deadline. Called with 1 before a body is read, so shedding load
+        costs almost nothing; submit() checks again with the real count.
 
-        The target is a delay, not an image count (as in CoDel): however fast the model is today, an
-        admitted request never queues behind more than `max_queue_delay_s` of work, so latency stays
-        bounded under overload and the excess is told at once to come back later. A request's own
+        The target is a delay, not an image count (as in CoDel): the queue may hold what the model gets
+        through in `max_queue_delay_s` at its measured busy throughput, so latency stays bounded under
+        overload whatever the model's speed, and the model still runs full batches. A request's own
         images are service time, not queueing: a large request into an empty queue is admitted."""
         if self._stopping or self._task is None or self._task.done():
             self._report_rejected("unavailable")
@@ -176,11 +180,11 @@ class Batcher:
                 f"server busy: {self._queued_images} images queued (limit {self.queue_limit}); retry later",
                 headers={"Retry-After": str(self._retry_after_s())},
             )
-        backlog_s = self.expected_wait_s()
-        if backlog_s > self.max_queue_delay_s:
+        delay_s = self.queue_delay_s()
+        if delay_s > self.max_queue_delay_s:
             self._report_rejected("queue_delay")
             raise Overloaded(
-                f"server busy: {backlog_s * 1000:.0f} ms of work queued (target {self.max_queue_delay_s * 1000:.0f} ms); "
+                f"server busy: the queued work takes {delay_s * 1000:.0f} ms (target {self.max_queue_delay_s * 1000:.0f} ms); "
                 "retry later",
                 headers={"Retry-After": str(self._retry_after_s())},
             )
@@ -217,6 +221,11 @@ class Batcher:
         except asyncio.CancelledError:
             self._withdraw(request)  # the client went away; its images leave the queue
             raise
+
+    def queue_delay_s(self) -> float:
+        """How long the images queued now take to get through the model, at its busy throughput."""
+        rate = max(self._busy_rate, self._recent_rate)
+        return self._queued_images / rate if rate > 0 else 0.0
 
     def expected_wait_s(self, extra_images: int = 0) -> float:
         """How long new images would wait at the recent throughput; 0 before anything has run."""
@@ -327,6 +336,8 @@ class Batcher:
         elapsed = time.monotonic() - started
         rate = size / max(elapsed, 1e-6)
         self._recent_rate = rate if self._recent_rate <= 0 else 0.8 * self._recent_rate + 0.2 * rate
+        if 2 * size >= self.max_batch_size:
+            self._busy_rate = rate if self._busy_rate <= 0 else 0.8 * self._busy_rate + 0.2 * rate
         if self._observer is not None:
             self._observer.batch_done(size, elapsed)
         offset = 0

@@ -4,6 +4,7 @@ the access log and request metrics, and security headers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -13,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, ServiceError, error_response
 from service.metrics import Metrics
+from service.pipeline import Pipeline
 
 access_log = logging.getLogger("service.access")
 
@@ -98,6 +100,58 @@ class BodyLimitMiddleware:
         await error_response(413, "payload_too_large", message, headers={"Connection": "close"})(scope, receive, send)
 
 
+# The prediction routes' templates, for requests answered before routing.
+_PREDICTION_ROUTES = (
+    (re.compile(r"^/v1/predict$"), "/v1/predict"),
+    (re.compile(r"^/v1/predict/image$"), "/v1/predict/image"),
+    (re.compile(r"^/v2/models/[^/]+/infer$"), "/v2/models/{name}/infer"),
+    (re.compile(r"^/v2/models/[^/]+/versions/[^/]+/infer$"), "/v2/models/{name}/versions/{version}/infer"),
+)
+
+
+def _seconds(raw: bytes) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None
+
+
+class SheddingMiddleware:
+    """Refuse prediction requests that the queue would refuse anyway (429, or 503 when not serving)
+    before anything else runs: no routing, no dependencies, no body. Under overload most requests
+    take this path, so it must cost far less than an answer, or refusing would crowd out serving.
+    Admitted requests are checked again, with their real image count, when they are queued."""
+
+    def __init__(self, app: ASGIApp, pipeline: Pipeline) -> None:
+        self.app = app
+        self.pipeline = pipeline
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            template = next((t for pattern, t in _PREDICTION_ROUTES if pattern.match(path)), None)
+            if template is not None:
+                raw = next((value for name, value in scope["headers"] if name == b"x-request-timeout"), None)
+                try:
+                    # An unreadable deadline header is left to the route, which answers 400 naming it.
+                    self.pipeline.admit(None if raw is None else _seconds(raw))
+                except ServiceError as exc:
+                    scope["route_template"] = template
+                    await self._refuse(exc, protocol=path.startswith("/v2/"), send=send)
+                    return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(exc: ServiceError, *, protocol: bool, send: Send) -> None:
+        payload = {"error": exc.message} if protocol else {"error": exc.code, "message": exc.message}
+        body = json.dumps(payload).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
+        await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 class ObservingMiddleware:
     """Give every request an ID (the client's `X-Request-ID` when it is sane, else a new one) and echo
     it; count and time requests by route template and status; write one access-log line each."""
@@ -136,7 +190,7 @@ class ObservingMiddleware:
             metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or scope.get("route_template") or "unmatched"
             metrics.requests.labels(route=template, method=scope["method"], status=str(status)).inc()
             metrics.request_latency.labels(route=template).observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -112,3 +113,18 @@ def probe_image(level: float = 0.5) -> torch.Tensor:
 def version_of(logits: list[float]) -> int:
     """The version a MarkedNet's probe logits name (every logit but the chosen one equals it)."""
     return round(sorted(logits)[0])
+
+
+class Gate(torch.nn.Module):
+    """Blocks every forward pass until `opened` is set; records that one began."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        assert self.opened.wait(10), "gate never opened"
+        return self.inner(x)

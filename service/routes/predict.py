@@ -74,7 +74,6 @@ async def predict_pixels(
     Headers: `X-Model-Version`, `X-Batch-Size`, `Server-Timing` (queue, preprocess, inference in ms)."""
     pipeline, settings = serving.pipeline, serving.settings
     timeout_s = client_timeout(request)
-    pipeline.admit(timeout_s)  # not ready, queue full or hopeless: say so before reading the body
     require_media_type(request, ["application/json"])
     body = await request.body()
     if not body.strip():
@@ -151,7 +150,6 @@ async def predict_image(
     An image with no digit answers `digit: null` with a `detail`."""
     pipeline, settings = serving.pipeline, serving.settings
     timeout_s = client_timeout(request)
-    pipeline.admit(timeout_s)  # not ready, queue full or hopeless: say so before reading the body
     blobs, single = await _read_uploads(request, settings.max_files)
     images = v1.open_images(blobs, single, settings)  # headers only: sizes are checked before any decoding
     options = v1.Options(return_input=return_input, preprocess=preprocess)

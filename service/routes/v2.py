@@ -96,7 +96,6 @@ async def _infer(request: Request, serving: Serving, name: str, version: str | N
     pipeline, settings = serving.pipeline, serving.settings
     model = _check(serving.model, settings.model_name, name, version)
     header_timeout_s = client_timeout(request)
-    pipeline.admit(header_timeout_s)  # before reading the body: shedding load stays cheap
     require_media_type(request, ["application/json", "application/octet-stream"])
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)

@@ -14,23 +14,8 @@ from prometheus_client import CollectorRegistry
 from service.app import create_app
 from service.config import Settings
 from service.predictor import Predictor
-from tests.helpers import MarkedNet, MeanIntensityNet, make_metadata, probe_image, version_of
+from tests.helpers import Gate, MarkedNet, MeanIntensityNet, make_metadata, probe_image, version_of
 from tests.service.images import png
-
-
-class Gate(torch.nn.Module):
-    """Blocks every forward pass until `opened` is set; records that one began."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.opened = threading.Event()
-        self.entered = threading.Event()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.entered.set()
-        assert self.opened.wait(10), "gate never opened"
-        return self.inner(x)
 
 
 def marked(version: int, temperature: float, gate: bool = False) -> tuple[Predictor, Gate | None]:

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
-from tests.helpers import SlowNet
+from tests.helpers import Gate, MeanIntensityNet
 from tests.service.conftest import build_client
 from tests.service.live import running_service
 
@@ -241,23 +241,33 @@ def test_too_many_images_is_refused() -> None:
 
 
 def test_v2_requests_share_batches_and_metrics_with_v1() -> None:
-    settings = Settings(max_batch_size=8, max_batch_wait_ms=0)
-    with build_client(settings, model=SlowNet(0.2)) as client:
+    gate = Gate(MeanIntensityNet())
+    gate.opened.set()  # the warm-up passes through
+    settings = Settings(max_batch_size=8, max_batch_wait_ms=0, max_queue_delay_ms=60_000)
+    with build_client(settings, model=gate) as client:
+        gate.opened.clear()
+        gate.entered.clear()
+        batcher = client.app.state.lifecycle.batcher
         batch_sizes: dict[str, str] = {}
 
         def call(name: str, path: str, body: dict) -> None:
             batch_sizes[name] = client.post(path, json=body).headers["X-Batch-Size"]
 
-        calls = [
-            ("first", "/v1/predict", {"pixels": [0.1] * 784}),  # holds the worker for 200 ms
-            ("v1", "/v1/predict", {"pixels": [0.6] * 784}),
-            ("v2", "/v2/models/mnist-cnn/infer", infer_body(levels(0.6))),
+        first = threading.Thread(target=call, args=("first", "/v1/predict", {"pixels": [0.1] * 784}))
+        first.start()
+        assert gate.entered.wait(10)  # the first request holds the worker
+        later = [
+            threading.Thread(target=call, args=("v1", "/v1/predict", {"pixels": [0.6] * 784})),
+            threading.Thread(target=call, args=("v2", "/v2/models/mnist-cnn/infer", infer_body(levels(0.6)))),
         ]
-        threads = [threading.Thread(target=call, args=args) for args in calls]
-        for thread in threads:
+        for thread in later:
             thread.start()
-            time.sleep(0.05)  # the two later requests queue while the first runs
-        for thread in threads:
+        deadline = time.monotonic() + 10
+        while batcher.queue_depth < 2:  # both later requests are queued behind it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gate.opened.set()
+        for thread in [first, *later]:
             thread.join()
         metrics = client.get("/metrics").text
     assert batch_sizes == {"first": "1", "v1": "2", "v2": "2"}  # one forward pass served both APIs
