@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.config import Settings
-from tests.helpers import ExplodingNet, SlowNet
+from tests.helpers import ExplodingNet, Gate, MeanIntensityNet, SlowNet
 from tests.service.conftest import build_client
 from tests.service.images import draw_seven, encode, png
 
@@ -182,27 +182,47 @@ def test_model_failure_is_a_500_naming_it_and_the_service_recovers() -> None:
         assert client.post("/v1/predict", json={"pixels": grid(0.2)}).json()["digit"] == 2
 
 
+def gated_client(settings: Settings) -> tuple[TestClient, Gate]:
+    """A client on a model that blocks every forward pass until the test opens its gate."""
+    gate = Gate(MeanIntensityNet())
+    gate.opened.set()  # the warm-up passes through
+    client = build_client(settings, model=gate)
+    client.__enter__()
+    gate.opened.clear()
+    gate.entered.clear()
+    return client, gate
+
+
 def test_full_queue_answers_429_with_retry_after() -> None:
     settings = Settings(queue_limit=1, max_instances=1, max_files=1, max_batch_size=1, max_batch_wait_ms=0)
-    with build_client(settings, model=SlowNet(0.3)) as client:
+    client, gate = gated_client(settings)
+    try:
         statuses: list[int] = []
-        headers: list[dict[str, str]] = []
-
-        def call() -> None:
-            response = client.post("/v1/predict", json={"pixels": grid(0.1)})
-            statuses.append(response.status_code)
-            headers.append(dict(response.headers))
-
-        threads = [threading.Thread(target=call) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-            time.sleep(0.05)
-        for thread in threads:
-            thread.join()
-    assert 429 in statuses
-    assert 200 in statuses
-    rejected = headers[statuses.index(429)]
-    assert int(rejected["retry-after"]) >= 1
+        running = threading.Thread(
+            target=lambda: statuses.append(client.post("/v1/predict", json={"pixels": grid(0.1)}).status_code)
+        )
+        running.start()
+        assert gate.entered.wait(10)  # one request on the worker thread
+        queued = threading.Thread(
+            target=lambda: statuses.append(client.post("/v1/predict", json={"pixels": grid(0.2)}).status_code)
+        )
+        queued.start()
+        batcher = client.app.state.lifecycle.batcher
+        deadline = time.monotonic() + 10
+        while batcher.queue_depth < 1:  # and one in the queue: it is full
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        rejected = client.post("/v1/predict", json={"pixels": grid(0.3)})
+        assert rejected.status_code == 429
+        assert "1 images queued (limit 1)" in rejected.json()["message"]
+        assert int(rejected.headers["retry-after"]) >= 1
+        gate.opened.set()
+        running.join(10)
+        queued.join(10)
+        assert statuses == [200, 200]  # what was admitted is served
+    finally:
+        gate.opened.set()
+        client.__exit__(None, None, None)
 
 
 def test_request_timeout_answers_504() -> None:
@@ -388,11 +408,11 @@ def test_bad_file_among_several_is_named_by_position(client: TestClient) -> None
 
 
 def test_client_deadline_header_is_honoured() -> None:
-    with build_client(Settings(max_batch_wait_ms=0, request_timeout_s=10), model=SlowNet(0.3)) as client:
-        started = time.monotonic()
+    client, gate = gated_client(Settings(max_batch_wait_ms=0, request_timeout_s=10))
+    try:
         response = client.post("/v1/predict", json={"pixels": grid(0.1)}, headers={"X-Request-Timeout": "0.05"})
         assert response.status_code == 504
-        assert time.monotonic() - started < 0.3  # the model takes 0.3 s; the client asked for 0.05
+        assert not gate.opened.is_set()  # answered while the model was still stuck: the client's 0.05 s, not 10 s
         assert "0.05 s" in response.json()["message"]
         v2 = client.post(
             "/v2/models/mnist-cnn/infer",
@@ -403,6 +423,9 @@ def test_client_deadline_header_is_honoured() -> None:
         )
         assert v2.status_code == 504
         assert set(v2.json()) == {"error"}
+    finally:
+        gate.opened.set()
+        client.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("value", ["soon", "-1", "0", "inf", "nan"])
