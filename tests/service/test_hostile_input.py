@@ -78,9 +78,29 @@ def test_huge_declared_body_is_refused_before_it_is_sent(server: str) -> None:
         sock.sendall(
             b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n"
         )
-        reply = sock.recv(4096)
+        reply = read_response(sock)
     assert reply.startswith(b"HTTP/1.1 413")
     still_serving(server)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response: a single recv may return the headers without the body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def test_slow_client_gets_408_and_does_not_hold_the_server(server: str) -> None:
@@ -91,7 +111,7 @@ def test_slow_client_gets_408_and_does_not_hold_the_server(server: str) -> None:
         )
         started = time.monotonic()
         still_serving(server)  # others are served while it dawdles
-        reply = sock.recv(4096)
+        reply = read_response(sock)
         waited = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b"did not arrive within 1 s" in reply
