@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image for the service (the default command) and the trainer job (`python -m trainer ...`).
 #
 #   docker build -t digit-service:cpu .                               CPU (default)
