@@ -23,7 +23,11 @@ ONE_SHOT_S = 60.0  # the seed copies one model; the trainer verifies it and exit
 
 
 @pytest.fixture(scope="module")
-def compose_project(engine: Engine, torch_index: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+def compose_project(
+    engine: Engine, torch_index: str, cpu_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Project]:
+    """Up once for the module. After `docker build` of the same Dockerfile (cpu_image), so that the build time the
+    tier reports is docker build's, and compose's build is the cached one a user's second build would be."""
     scratch = tmp_path_factory.mktemp("compose")
     test_project = project(engine.base_image, torch_index, free_port(), scratch)
     try:
