@@ -13,7 +13,7 @@ from model_artifact import find_valid_version
 from tests.container.client import assert_recognises_digits, model_version
 from tests.container.compose import Project, config, project, timestamp, up
 from tests.container.conftest import report
-from tests.container.engine import Engine, docker, remove_image, scratch_dir
+from tests.container.engine import REPO, Engine, docker, remove_image, scratch_dir
 from tests.deploy.processes import free_port, get
 from trainer.data import MNIST_SHA256, fetch_mnist
 
@@ -107,3 +107,17 @@ def test_stop_ends_the_api_cleanly_and_down_removes_everything(compose_project: 
     assert "Application shutdown complete" in compose_project.compose("logs", "api")
     compose_project.compose("down", "--volumes", "--remove-orphans", timeout=120)
     assert compose_project.resources() == {"containers": [], "volumes": [], "networks": []}
+
+
+def test_the_gpu_override_builds_the_cuda_image_once_from_the_index_given(engine: Engine, tmp_path: Path) -> None:
+    # Resolved by compose itself (no engine work): the override's build arguments merge with the base file's.
+    gpu = Project(
+        f"digit-test-{tmp_path.name}",
+        (REPO / "docker-compose.yml", REPO / "docker-compose.gpu.yml"),
+        {"TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu128"},
+    )
+    services = config(gpu)["services"]
+    assert [name for name, service in services.items() if "build" in service] == ["api"]
+    assert services["api"]["build"]["args"]["VARIANT"] == "cuda"
+    assert services["api"]["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu128"
+    assert {services[name]["image"] for name in ("model-seed", "trainer", "api")} == {"digit-service:cuda"}
