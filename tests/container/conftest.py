@@ -8,14 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.container import wheel_index
-from tests.container.engine import RUN_ID, Build, Engine, build, remove_image, setup
-
-# What the tier measured, printed in pytest's terminal summary: (what, value).
-MEASUREMENTS: list[tuple[str, str]] = []
-
-
-def report(what: str, value: str) -> None:
-    MEASUREMENTS.append((what, value))
+from tests.container.engine import RUN_ID, Engine, build, remove_image, setup
+from tests.container.measurements import MEASUREMENTS, image_report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -34,11 +28,6 @@ def engine() -> Engine:
 def torch_index(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with wheel_index.serve(engine.wheels, tmp_path_factory.mktemp("wheel-index")) as url:
         yield url
-
-
-def image_report(name: str, built: Build) -> None:
-    report(f"{name} image size", f"{built.size_bytes / 1e6:.0f} MB")
-    report(f"{name} image build time", f"{built.seconds:.1f} s")
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import pytest
 from model_artifact import find_valid_version
 from tests.container.client import assert_recognises_digits, model_version
 from tests.container.compose import Project, config, project, timestamp, up
-from tests.container.conftest import report
 from tests.container.engine import REPO, Engine, docker, remove_image, scratch_dir
+from tests.container.measurements import report
 from tests.deploy.processes import free_port, get
 from trainer.data import MNIST_SHA256, fetch_mnist
 

@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from model_artifact.store import sha256_file
-from tests.container.conftest import image_report
 from tests.container.engine import RUN_ID, Engine, build, docker, remove_image, scratch_dir
+from tests.container.measurements import image_report
 from trainer.data import DEFAULT_SOURCES, MNIST_SHA256, HttpMirror
 
 pytestmark = pytest.mark.container

@@ -16,8 +16,8 @@ import pytest
 
 from service.config import Settings
 from tests.container.client import assert_recognises_digits, published_url, sanity_digits, wait_healthy
-from tests.container.conftest import report
 from tests.container.engine import RUN_ID, docker, inspect
+from tests.container.measurements import report
 from tests.deploy.processes import get
 
 pytestmark = pytest.mark.container
