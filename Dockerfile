@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image for the service (the default command) and the trainer job (`python -m trainer ...`).
 #
 #   docker build -t digit-service:cpu .                               CPU (default)
@@ -9,6 +7,11 @@
 # fraction of the size); `cuda` installs pip's default index's Linux build, which brings the CUDA runtime libraries as wheels, so
 # the slim Python base serves both. TORCH_INDEX_URL overrides the index of either (a mirror, another CUDA build).
 # The torch version is read from pyproject.toml, the one place it is pinned.
+#
+# CUDA: PyPI's Linux wheels of the pinned torch are built for CUDA 13, which needs an NVIDIA driver 580 or newer and
+# a Turing or newer GPU (CUDA 13 dropped Volta and Pascal). For an older driver or GPU, build against a CUDA 12 index
+# of PyTorch's that carries the same torch version, e.g.
+#   docker build --build-arg VARIANT=cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ...
 #
 # The image carries the committed default model under /app/artifacts: `docker run -p 8000:8000 digit-service:cpu`
 # serves it as is, and the deployments' seed step copies it into an empty artifact volume (see the README's Deployment section).

@@ -32,7 +32,7 @@ DOCKERFILE = REPO / "Dockerfile"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "digit-service.json"
-ADAPTER_RULES = K8S / "overlays" / "queue-depth" / "prometheus-adapter-rules.yaml"
+ADAPTER_RULES = K8S / "components" / "queue-depth" / "prometheus-adapter-rules.yaml"
 SEED_SCRIPT = REPO / "deploy" / "seed-artifacts.sh"
 ARTIFACTS = REPO / "artifacts"
 
@@ -226,13 +226,41 @@ def _render(directory: Path) -> tuple[dict[str, Any], ...]:
     result = subprocess.run(
         [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
     )
-    assert result.returncode == 0, f"kubectl kustomize {directory.relative_to(REPO)} failed:\n{result.stderr}"
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc is not None)
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
     """`kubectl kustomize` output: what `kubectl apply -k` would send to the cluster."""
     return list(_render(directory))
+
+
+def variant_dirs() -> list[Path]:
+    """The directories `kubectl apply -k` is pointed at: every Kustomization except the shared base."""
+    return [
+        path.parent
+        for path in kustomization_files()
+        if yaml_doc(path)["kind"] == "Kustomization" and path.parent != K8S_BASE
+    ]
+
+
+def component_dirs() -> list[Path]:
+    return [path.parent for path in kustomization_files() if yaml_doc(path)["kind"] == "Component"]
+
+
+def kustomization_with(directory: Path, components: list[str], image: str | None = "digit-service:0.1.0-cpu") -> Path:
+    """A user's kustomization in `directory`: the base, the named components of k8s/components, and an image."""
+    spec: dict[str, Any] = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S_BASE, directory)],  # kustomize takes relative paths only
+        "components": [os.path.relpath(K8S / "components" / name, directory) for name in components],
+    }
+    if image is not None:
+        name, tag = image.rsplit(":", 1)
+        spec["images"] = [{"name": "digit-service", "newName": name, "newTag": tag}]
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return directory
 
 
 def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from service.config import Settings
 from tests.deploy.files import (
     COMPOSE,
     COMPOSE_GPU,
+    DOCKERFILE,
     GRAFANA_DIR,
     PROMETHEUS_DIR,
     REPO,
@@ -69,11 +70,30 @@ def test_services_run_in_order_seed_then_trainer_then_api() -> None:
 
 
 def test_the_image_is_built_once_for_all_three() -> None:
+    # A `build:` on every service made compose build the same image three times.
     services = compose()["services"]
     images = {services[name]["image"] for name in ("model-seed", "trainer", "api")}
-    builds = {str(services[name]["build"]) for name in ("model-seed", "trainer", "api")}
-    assert len(images) == 1 and len(builds) == 1
+    assert len(images) == 1
+    assert [name for name, service in services.items() if "build" in service] == ["api"]
     assert services["api"]["build"]["context"] == "."
+    for one_shot in ("model-seed", "trainer"):
+        assert services[one_shot]["pull_policy"] == "never", "runs the image the api built, never a pulled one"
+
+
+def test_the_build_takes_the_base_image_and_torch_index_from_the_environment() -> None:
+    args = compose()["services"]["api"]["build"]["args"]
+    default_base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE.read_text(encoding="utf-8"), re.M)
+    assert default_base is not None
+    assert args["PYTHON_IMAGE"] == f"${{PYTHON_IMAGE:-{default_base.group(1)}}}", "the Dockerfile's default base"
+    assert args["TORCH_INDEX_URL"] == "${TORCH_INDEX_URL:-}", "empty: the variant's own index"
+    assert args["VARIANT"] == "cpu"
+
+
+def test_published_ports_are_on_loopback_unless_asked_otherwise() -> None:
+    services = compose()["services"]
+    for name in ("api", "prometheus", "grafana"):
+        (published,) = services[name]["ports"]
+        assert published.startswith("${PUBLISH_ADDRESS:-127.0.0.1}:"), name
 
 
 def test_trainer_command_parses_with_the_trainer_cli_and_writes_the_shared_volume() -> None:
@@ -180,8 +200,9 @@ def test_gpu_override_reserves_a_gpu_and_selects_cuda() -> None:
     for name in ("trainer", "api"):
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
-    for name in ("model-seed", "trainer", "api"):
-        assert services[name]["build"]["args"]["VARIANT"] == "cuda"
+    assert services["api"]["build"]["args"]["VARIANT"] == "cuda"
+    assert [name for name, service in services.items() if "build" in service] == ["api"], "built once"
+    for name in ("model-seed", "trainer"):
         assert services[name]["image"] == services["api"]["image"]
     env = compose_env(services["api"])
     assert set(env) <= setting_env_names()

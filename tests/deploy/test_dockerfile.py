@@ -167,3 +167,11 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
     for model_file in ("model.pt", "metadata.json"):
         for version_file in (REPO / "artifacts").glob(f"*/*/{model_file}"):
             assert not _excluded(str(version_file.relative_to(REPO))), version_file
+
+
+def test_the_cuda_variant_states_its_driver_needs_and_offers_a_cuda_12_index() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "CUDA 13" in text and "driver 580" in text, "PyPI's torch wheels need CUDA 13 (driver 580+)"
+    assert re.search(
+        r"--build-arg VARIANT=cuda --build-arg TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu12\d", text
+    )

@@ -14,7 +14,6 @@ from service.app import create_app
 from service.config import Settings
 from tests.deploy.files import (
     K8S,
-    K8S_BASE,
     KUBERNETES_VERSION,
     REPO,
     adapter_rules,
@@ -32,12 +31,13 @@ from tests.deploy.files import (
     render,
     setting_env_names,
     settings_from_env,
+    variant_dirs,
     yaml_doc,
     yaml_docs,
 )
 from trainer.__main__ import build_parser
 
-OVERLAYS = sorted(path.parent for path in kustomization_files())
+VARIANTS = sorted(variant_dirs())
 
 
 def _id(path: Path) -> str:
@@ -100,7 +100,7 @@ def test_the_top_level_kustomization_applies_the_base() -> None:
     assert yaml_doc(K8S / "kustomization.yaml")["resources"] == ["base"]
 
 
-@pytest.mark.parametrize("directory", OVERLAYS, ids=_id)
+@pytest.mark.parametrize("directory", VARIANTS, ids=_id)
 def test_kustomization_renders_and_every_object_matches_the_schema(directory: Path) -> None:
     objects = render(directory)
     for obj in objects:
@@ -123,38 +123,6 @@ def test_kustomization_renders_and_every_object_matches_the_schema(directory: Pa
     config_map = one(objects, "ConfigMap")
     (reference,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["envFrom"]
     assert reference["configMapRef"]["name"] == config_map["metadata"]["name"], "kustomize renamed both (hash suffix)"
-
-
-def test_gpu_overlay_adds_a_gpu_a_toleration_and_the_cuda_device() -> None:
-    objects = render(K8S / "overlays" / "gpu")
-    assert one(objects, "ConfigMap")["data"]["DIGIT_DEVICE"] == "cuda"
-    for kind, name, container_name in (("Deployment", "digit-api", "api"), ("Job", "digit-trainer", "trainer")):
-        pod = one(objects, kind, name)["spec"]["template"]["spec"]
-        spec = container(pod, container_name)
-        assert spec["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert spec["image"].endswith("-cuda")
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-        assert spec["resources"]["requests"], "the base's requests survive the merge"
-    trainer = container(one(objects, "Job")["spec"]["template"]["spec"], "trainer")
-    args = build_parser().parse_args(trainer["command"][3:])
-    assert args.device == "cuda" and args.skip_existing
-
-
-def test_gpu_overlay_settings_are_real_and_valid() -> None:
-    (generator,) = yaml_doc(K8S / "overlays" / "gpu" / "kustomization.yaml")["configMapGenerator"]
-    assert generator["behavior"] == "merge" and generator["name"] == "digit-service-config"
-    literals = dict(literal.split("=", 1) for literal in generator["literals"])
-    assert set(literals) <= setting_env_names()
-    assert settings_from_env({**base_config(), **literals}).device == "cuda"
-
-
-def test_queue_depth_overlay_scales_on_the_queue_and_cpu() -> None:
-    hpa = one(render(K8S / "overlays" / "queue-depth"), "HorizontalPodAutoscaler")
-    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    assert metrics["Pods"]["pods"]["metric"]["name"] == "digit_queue_depth"
-    assert metrics["Resource"]["resource"]["name"] == "cpu"
-    target = int(metrics["Pods"]["pods"]["target"]["averageValue"])
-    assert 0 < target <= int(base_config()["DIGIT_MAX_BATCH_SIZE"]), "more than a batch waiting = saturated"
 
 
 # --- the ConfigMap against the code ---------------------------------------------------------------
@@ -324,34 +292,20 @@ def test_trainer_job_seeds_the_volume_first() -> None:
 
 
 def test_adapter_rule_serves_the_metric_the_hpa_reads() -> None:
-    hpa = yaml_doc(K8S / "overlays" / "queue-depth" / "hpa-queue-depth.yaml")
+    hpa = yaml_doc(K8S / "components" / "queue-depth" / "hpa-queue-depth.yaml")
     (pods_metric,) = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
     (rule,) = adapter_rules()
     assert rule["name"]["as"] == pods_metric
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}, "per-pod metric for a Pods HPA metric"
 
 
-def test_manifests_use_the_image_name_kustomize_sets() -> None:
+def test_manifests_use_the_image_name_every_variant_sets() -> None:
     images = {
         spec["image"]
         for obj in base_objects().values()
         if obj["kind"] in {"Deployment", "Job"}
         for spec in pod_containers(obj["spec"]["template"]["spec"])
     }
-    (image,) = yaml_doc(K8S_BASE / "kustomization.yaml")["images"]
-    assert images == {image["name"]}
-
-
-def test_auth_overlay_mounts_the_token_secret_where_the_settings_point() -> None:
-    objects = render(K8S / "overlays" / "auth")
-    settings = one(objects, "ConfigMap")["data"]
-    env_names = set(Settings.env_names().values())
-    token_files = {key: value for key, value in settings.items() if key.endswith("_TOKENS_FILE")}
-    assert set(token_files) == {"DIGIT_API_TOKENS_FILE", "DIGIT_ADMIN_TOKENS_FILE"} <= env_names
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
-    (mount,) = [m for m in container(pod, "api")["volumeMounts"] if m["name"] == "tokens"]
-    assert mount["readOnly"] is True
-    (volume,) = [v for v in pod["volumes"] if v["name"] == "tokens"]
-    assert volume["secret"]["secretName"] == "digit-api-tokens"
-    for path in token_files.values():
-        assert path.startswith(mount["mountPath"] + "/")
+    for directory in VARIANTS:
+        (image,) = yaml_doc(directory / "kustomization.yaml")["images"]
+        assert images == {image["name"]}, _id(directory)

@@ -50,7 +50,7 @@ def _adapter_queries() -> list[str]:
 
 
 def _hpa_metric_names() -> set[str]:
-    hpa = yaml_doc(K8S / "overlays" / "queue-depth" / "hpa-queue-depth.yaml")
+    hpa = yaml_doc(K8S / "components" / "queue-depth" / "hpa-queue-depth.yaml")
     return {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
 
 
