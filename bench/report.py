@@ -49,6 +49,25 @@ def cell_table(results: Results) -> list[str]:
     return lines
 
 
+def ratio_table(results: Results) -> list[str]:
+    """This service against each peer at every client count both ran (PNG)."""
+    lines = [
+        "| clients | this service / TorchServe, answers/s | this service / hand-written, answers/s "
+        "| p99 ms: this service / TorchServe / hand-written |",
+        "|---|---|---|---|",
+    ]
+    levels = sorted({clients for peer, payload, clients in results.cells if peer == SERVICE and payload == PNG})
+    for clients in levels:
+        ours = results.get(SERVICE, PNG, clients)
+        others = [results.get(peer, PNG, clients) for peer in (TORCHSERVE, HANDWRITTEN)]
+        if ours is None or not any(others):
+            continue
+        ratios = [f"{ours.rps / other.rps:.2f}x" if other and other.rps else "–" for other in others]
+        p99 = " / ".join(_num(r.latency_ms["p99"], 1) if r else "–" for r in (ours, *others))
+        lines.append(f"| {clients} | {ratios[0]} | {ratios[1]} | {p99} |")
+    return lines if len(lines) > 2 else []
+
+
 @dataclass
 class Goal:
     name: str
@@ -163,5 +182,7 @@ def markdown(results: Results) -> str:
         lines.append(f"Memory when ready and warmed up (RSS summed over each server's process tree): {idle}.")
     if results.raw_images_per_s:
         lines.append(f"Raw model, batch 64, in the benchmark's process: {_num(results.raw_images_per_s)} images/s.")
+    if ratios := ratio_table(results):
+        lines += ["", *ratios]
     lines += ["", "| goal | measured | target | met |", "|---|---|---|---|", *(g.row() for g in goals(results))]
     return "\n".join(lines) + "\n"
