@@ -77,3 +77,14 @@ def test_goals_without_measurements_are_not_judged() -> None:
     marks = [goal.met for goal in goals(results)]
     assert marks.count(True) == 1 and marks.count(False) == 0
     assert "| – |" in markdown(results)
+
+
+def test_errors_are_no_throughput() -> None:
+    # A peer that refuses most requests fast answers many requests per second, but serves few.
+    results = Results(header={})
+    results.cells = {
+        (TORCHSERVE, PNG, 64): cell(0, 5, 150, {200: 5000, 503: 50000}),
+        (SERVICE, PNG, 64): cell(1000, 30, 100),
+    }
+    goal = by_name(results)["throughput vs TorchServe"]
+    assert goal.met is True and goal.measured.startswith("2.00x"), goal
