@@ -24,4 +24,5 @@ evaluate:
 	.venv/bin/python -m trainer evaluate
 
 bench:
+	scripts/setup bench
 	.venv/bin/python scripts/bench.py --out bench-results.md

@@ -24,7 +24,6 @@ import collections
 import json
 import math
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.procs import RssSampler  # noqa: E402
 from scripts.bench import Server, http_request  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -222,31 +222,6 @@ def read_status_kib(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-class RssSampler:
-    """Samples a process's VmRSS every `interval_s` on a thread, keeping the highest."""
-
-    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
-        self.pid, self.interval_s = pid, interval_s
-        self.peak_kib: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss = read_status_kib(self.pid, "VmRSS")
-            if rss is not None:
-                self.peak_kib = max(rss, self.peak_kib or 0)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # --- the run -------------------------------------------------------------------------------------------------

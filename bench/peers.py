@@ -1,0 +1,95 @@
+"""The three servers the benchmark compares, each started on free loopback ports and stopped on exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import torchserve
+from bench.procs import HOST, ServerProcess, free_port, http_status
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 180.0  # the JVM, model loading and warm-up on 2 busy cores
+
+TORCHSERVE = "TorchServe"
+HANDWRITTEN = "hand-written FastAPI"
+SERVICE = "this service"
+NAMES = {"torchserve": TORCHSERVE, "handwritten": HANDWRITTEN, "service": SERVICE}
+
+
+@dataclass
+class Peer:
+    name: str
+    png_url: str  # where a raw 28x28 PNG body is posted
+    process: ServerProcess
+    json_url: str | None = None  # where `{"pixels": ...}` and `{"instances": ...}` go (this service only)
+
+
+def predicted_digit(url: str, png: bytes) -> int:
+    """The digit a server answers for one PNG: a correctness check before any load."""
+    request = urllib.request.Request(url, data=png, headers={"Content-Type": "image/png"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return int(json.loads(response.read())["digit"])
+
+
+@contextmanager
+def _running(server: ServerProcess) -> Iterator[ServerProcess]:
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def start_torchserve(model_dir: Path, work: Path) -> Iterator[Peer]:
+    work = work / "torchserve"
+    store = work / "model-store"
+    version = torchserve.build_archive(model_dir, store, work)
+    config = torchserve.write_config(work, store, version)
+    # The workers' Unix socket paths must fit in 108 bytes: a temp directory of its own, short whatever TMPDIR is.
+    with tempfile.TemporaryDirectory(prefix="ts-", dir="/tmp") as sockets:
+        env = torchserve.environment(dict(os.environ), work, Path(sockets))
+        command = torchserve.command(config, store)
+        server = ServerProcess(TORCHSERVE, command, env, cwd=work, log_path=work / "output.log")
+        with _running(server):
+            server.wait_until(lambda: torchserve.workers_ready(config), START_TIMEOUT_S)
+            yield Peer(TORCHSERVE, config.predict_url, server)
+
+
+@contextmanager
+def start_handwritten(model_dir: Path, work: Path) -> Iterator[Peer]:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "bench.handwritten:app", "--host", HOST, "--port", str(port)]
+    env = {**os.environ, "BENCH_MODEL_DIR": str(model_dir)}
+    server = ServerProcess(HANDWRITTEN, command, env, cwd=REPO, log_path=work / "handwritten.log")
+    base = f"http://{HOST}:{port}"
+    with _running(server):
+        server.wait_until(lambda: http_status(f"{base}/docs") == 200, START_TIMEOUT_S)
+        yield Peer(HANDWRITTEN, f"{base}/predict/image", server)
+
+
+@contextmanager
+def start_service(model_version: int, work: Path, extra_env: dict[str, str], extra_args: list[str]) -> Iterator[Peer]:
+    """`python -m service` with its default settings: only the port, the host and the model version are set
+    here; `extra_env` and `extra_args` change the rest (for a process model the service may grow)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DIGIT_HOST": HOST,
+        "DIGIT_PORT": str(port),
+        "DIGIT_MODEL_VERSION": str(model_version),
+        **extra_env,
+    }
+    command = [sys.executable, "-m", "service", *extra_args]
+    server = ServerProcess(SERVICE, command, env, cwd=REPO, log_path=work / "service.log")
+    base = f"http://{HOST}:{port}"
+    with _running(server):
+        server.wait_until(lambda: http_status(f"{base}/readyz") == 200, START_TIMEOUT_S)
+        yield Peer(SERVICE, f"{base}/v1/predict/image", server, f"{base}/v1/predict")
