@@ -151,7 +151,14 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "Authorization", TIMEOUT_HEADER, REQUEST_ID_HEADER],
-            expose_headers=["X-Model-Version", "X-Batch-Size", "Server-Timing", "Retry-After", REQUEST_ID_HEADER],
+            expose_headers=[
+                "X-Model-Version",
+                "X-Batch-Size",
+                "Server-Timing",
+                "Retry-After",
+                REQUEST_ID_HEADER,
+                "Inference-Header-Content-Length",  # /v2 binary responses cannot be split without it
+            ],
         )
     return app
 

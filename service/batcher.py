@@ -120,6 +120,11 @@ class Batcher:
     # --- lifecycle -----------------------------------------------------------------------
 
     @property
+    def collector_gone(self) -> bool:
+        """The collector ended (died or was cancelled) while nobody asked the batcher to stop."""
+        return self._task is not None and self._task.done() and not self._stopping
+
+    @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._stopping
 
@@ -146,6 +151,9 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        except asyncio.CancelledError:
+            if not self._task.cancelled():
+                raise  # stop() itself was cancelled
         except Exception:  # noqa: BLE001, S110 - the collector died; _collector_done logged it
             pass
         shutting_down = ServiceUnavailable("the service is shutting down")
@@ -283,18 +291,22 @@ class Batcher:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
     def _take_batch(self) -> list[_Piece]:
+        """The next batch: the oldest request's model, and as many of that model's queued images as fit.
+        Requests for another model (queued around a hot reload) wait for the next batch, so models
+        interleaved in the queue still run in full batches rather than in fragments."""
         pieces: list[_Piece] = []
         room = self.max_batch_size
         now = time.monotonic()
         model: InferFn | None = None
-        while room and self._queue:
-            request = self._queue[0]
+        for request in self._queue:
+            if not room:
+                break
             if request.untaken == 0 or request.future.done():
-                self._queue.popleft()  # finished, withdrawn or failed
-                continue
-            if model is not None and request.infer is not model:
-                break  # a batch runs on one model; the next batch takes the other
-            model = request.infer
+                continue  # finished, withdrawn or failed
+            if model is None:
+                model = request.infer
+            elif request.infer is not model:
+                continue  # a batch runs on one model
             start = request.next_index
             stop = start + min(room, request.untaken)
             pieces.append(_Piece(request, start, stop))
@@ -302,8 +314,10 @@ class Batcher:
             request.queue_s = max(request.queue_s, now - request.enqueued_at)
             self._queued_images -= stop - start
             room -= stop - start
-            if request.untaken == 0:
-                self._queue.popleft()
+        while self._queue and (self._queue[0].untaken == 0 or self._queue[0].future.done()):
+            self._queue.popleft()
+        if len(self._queue) > 2 * self.max_batch_size:  # rarely: drop finished requests stuck behind others
+            self._queue = collections.deque(r for r in self._queue if r.untaken and not r.future.done())
         self._report_depth()
         if self._observer is not None:
             for piece in pieces:
@@ -321,6 +335,8 @@ class Batcher:
             logits = await loop.run_in_executor(self._executor, self._forward, model, parts)
             if logits.shape != (size, 10):
                 raise RuntimeError(f"model returned shape {tuple(logits.shape)}, expected ({size}, 10)")
+            if not bool(torch.isfinite(logits).all()):
+                raise RuntimeError("model returned non-finite logits (NaN or infinity)")
         except Exception as exc:
             self._running = []
             log.exception("inference failed for a batch of %d images", size)

@@ -110,9 +110,18 @@ class Settings(BaseSettings):
 
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_8000_TCP... for every Service in the
 # namespace (a Service named digit-api gives DIGIT_API_*): not settings, and not misspellings.
-_SERVICE_LINK = re.compile(
+_SERVICE_LINK_NAME = re.compile(
     r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)$"
 )
+
+
+def _service_link(name: str, value: str) -> bool:
+    if not _SERVICE_LINK_NAME.match(name):
+        return False
+    if re.search(r"_SERVICE_PORT|_PORT_\d+_", name) or name.endswith("_SERVICE_HOST"):
+        return True
+    # A bare <SERVICE>_PORT holds a URL (tcp://10.0.0.1:8000); DIGIT_HTTP_PORT=8000 is a misspelt setting.
+    return bool(re.match(r"^(tcp|udp|sctp)://", value.strip()))
 
 
 def unknown_settings(environ: Mapping[str, str]) -> list[str]:
@@ -121,7 +130,8 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
     known = Settings.env_names().values()
     warnings = []
     for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX) or name.upper() in known or _SERVICE_LINK.match(name.upper()):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or _service_link(upper, environ[name]):
             continue
         # Compare what follows the prefix: the shared DIGIT_ would make everything look alike.
         suffixes = [known_name.removeprefix(ENV_PREFIX) for known_name in known]

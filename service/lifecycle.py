@@ -35,4 +35,6 @@ class Lifecycle:
         """None when live, else why not."""
         if self.batcher.failure is not None:
             return f"the batcher's collector died: {type(self.batcher.failure).__name__}: {self.batcher.failure}"
+        if self.batcher.collector_gone:
+            return "the batcher's collector has stopped"
         return None

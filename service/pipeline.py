@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from service.batcher import Batcher
+from service.errors import ServiceUnavailable
 from service.metrics import Metrics
 from service.predictor import Predictor
 from service.preprocessing import NoDigit, Prepared
@@ -100,7 +101,11 @@ class Pipeline:
         try:
             started = time.perf_counter()
             if offload:
-                decoded = await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
+                try:
+                    future = asyncio.get_running_loop().run_in_executor(self._decoder, decode)
+                except RuntimeError:  # the decoders were shut down: the service is stopping
+                    raise ServiceUnavailable("the service is shutting down", headers={"Retry-After": "1"}) from None
+                decoded = await future
             else:
                 decoded = decode()
             preprocess_s = time.perf_counter() - started

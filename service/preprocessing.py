@@ -134,13 +134,15 @@ def _transparent_fill(gray: np.ndarray, alpha: np.ndarray) -> float:
     it), the paper is the colour of that region's border, not the mean of all opaque pixels
     (which a big card would push towards paper-as-ink). When everything opaque is ink (strokes
     on a transparent canvas), the fill is the opposite of the ink."""
-    opaque = alpha > 0.5
-    if not opaque.any():
+    peak = float(alpha.max())
+    if peak == 0.0:
         return 0.0  # fully transparent: blank
+    opaque = alpha >= 0.5 * peak  # relative: a pen at 40 % opacity still draws "opaque" strokes
     padded = np.pad(opaque, 1, constant_values=False)
     surrounded = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     border = float(np.median(gray[opaque & ~surrounded]))  # opaque pixels touching transparency or the edge
-    contrasting = int(np.count_nonzero(np.abs(gray[opaque] - border) > 0.5))
+    # Ink is anything at least MIN_PEAK away from the paper: pencil on grey card counts too.
+    contrasting = int(np.count_nonzero(np.abs(gray[opaque] - border) >= MIN_PEAK))
     if contrasting >= MIN_INK_PIXELS:
         return border  # ink inside a region of paper: the border is the paper
     return 1.0 if border < 0.5 else 0.0

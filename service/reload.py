@@ -101,8 +101,10 @@ def fingerprint(version_dir: Path) -> str:
     remembered under this, so asking again is cheap, and a version whose files change is vetted anew."""
     digest = hashlib.sha256()
     for name in (METADATA_FILE, MODEL_FILE):
-        path = version_dir / name
-        digest.update(sha256_file(path).encode() if path.is_file() else b"missing")
+        try:
+            digest.update(sha256_file(version_dir / name).encode())
+        except OSError:  # missing or vanishing: vetting will say what is wrong
+            digest.update(b"missing")
     return digest.hexdigest()
 
 

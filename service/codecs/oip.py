@@ -123,8 +123,15 @@ def _to_images(values: np.ndarray, spec: RequestInput) -> np.ndarray:
     return images.reshape(spec.shape[0], 28, 28)
 
 
+def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"parameter '{name}' must be true or false, got {value!r}"[:200])
+    return value
+
+
 def _requested_outputs(request: InferenceRequest) -> list[tuple[str, bool]]:
-    default_binary = bool(request.parameters.get("binary_data_output", False))
+    default_binary = _flag(request.parameters, "binary_data_output", False)
     if request.outputs is None:
         return [(name, default_binary) for name in OUTPUT_NAMES]
     chosen: list[tuple[str, bool]] = []
@@ -133,7 +140,7 @@ def _requested_outputs(request: InferenceRequest) -> list[tuple[str, bool]]:
             raise ProtocolError(f"unknown output '{output.name}'; this model has {', '.join(OUTPUT_NAMES)}")
         if output.name in (name for name, _ in chosen):
             raise ProtocolError(f"output '{output.name}' is requested twice")
-        chosen.append((output.name, bool(output.parameters.get("binary_data", default_binary))))
+        chosen.append((output.name, _flag(output.parameters, "binary_data", default_binary)))
     return chosen
 
 

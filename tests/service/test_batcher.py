@@ -161,7 +161,7 @@ async def test_batches_never_mix_models_and_each_request_is_computed_by_its_own(
     results = await within(asyncio.gather(first, *queued))
     await batcher.stop()
     assert [digits(r) for r in results] == [[1], [2], [7], [2], [7]]  # new adds 5 to every answer
-    assert sorted(old.batches + new.batches) == [1, 1, 1, 1, 1]  # never one batch for two models
+    assert old.batches == [1, 2] and new.batches == [2]  # never one batch for two models
 
 
 async def test_model_error_reaches_every_caller_of_that_batch_and_the_batcher_survives() -> None:
@@ -375,3 +375,30 @@ async def test_admission_is_by_queue_delay_not_image_count() -> None:
     assert batcher.queue_delay_s() == 0.0
     assert digits(await within(batcher.submit(images(0.5), model, 5))) == [5]  # drained: admitted again
     await batcher.stop()
+
+
+async def test_models_interleaved_in_the_queue_still_run_in_full_batches() -> None:
+    old, new = GatedModel(shift=0), GatedModel(shift=5)
+    old.gate.clear()
+    batcher = await started(max_batch_size=8, max_batch_wait_s=0.0, on_the_way=lambda: 0)
+    first = asyncio.create_task(batcher.submit(images(0.1), old, 5))
+    await old.running()
+    # Around a hot reload, requests for the old and the new model arrive interleaved.
+    queued = [asyncio.create_task(batcher.submit(images(0.2), m, 5)) for m in [old, new] * 8]
+    await asyncio.sleep(0.01)
+    old.gate.set()
+    results = await within(asyncio.gather(first, *queued))
+    await batcher.stop()
+    assert [digits(r) for r in results[1:]] == [[2], [7]] * 8
+    assert old.batches == [1, 8] and new.batches == [8]  # not 16 fragments of one image
+
+
+async def test_a_cancelled_collector_is_reported_as_gone() -> None:
+    batcher = await started(max_batch_size=1, max_batch_wait_s=0.0)
+    assert not batcher.collector_gone
+    batcher._task.cancel()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert batcher.collector_gone
+    await batcher.stop()
+    assert not batcher.collector_gone  # stopped on purpose: not a failure

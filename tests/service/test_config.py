@@ -47,10 +47,13 @@ def test_misspelled_settings_are_named_with_the_closest_real_one() -> None:
         "DIGIT_API_SERVICE_HOST": "10.0.0.1",  # Kubernetes service links for a Service named digit-api
         "DIGIT_API_PORT_8000_TCP": "tcp://10.0.0.1:8000",
         "DIGIT_API_PORT": "tcp://10.0.0.1:8000",
+        "DIGIT_API_SERVICE_PORT": "8000",
         "DIGIT_FROBNICATE": "1",
+        "DIGIT_HTTP_PORT": "8000",  # ends like a service link, but holds a bare port: a misspelt setting
         "PATH": "/usr/bin",
     }
     assert unknown_settings(environ) == [
         "DIGIT_FROBNICATE is not a setting and is ignored",
+        "DIGIT_HTTP_PORT is not a setting and is ignored",
         "DIGIT_MAX_BATCH_SIZ is not a setting and is ignored; did you mean DIGIT_MAX_BATCH_SIZE?",
     ]

@@ -1,4 +1,5 @@
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,17 @@ def test_lifespan_state_before_inside_and_after() -> None:
         assert lifecycle.registry.current().version == 1
     assert lifecycle.readiness() == "shutting down"
     assert not lifecycle.batcher.running
+
+
+def test_liveness_fails_when_the_collector_was_cancelled(client: TestClient) -> None:
+    batcher = client.app.state.lifecycle.batcher
+
+    async def cancel() -> None:
+        batcher._task.cancel()
+
+    client.portal.call(cancel)
+    deadline = time.monotonic() + 10
+    while client.get("/healthz").status_code != 503:
+        assert time.monotonic() < deadline, "liveness never noticed"
+        time.sleep(0.01)
+    assert "collector has stopped" in client.get("/healthz").json()["detail"]

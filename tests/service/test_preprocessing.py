@@ -139,3 +139,28 @@ def test_truncated_image_is_reported_when_decoded() -> None:
     data = encode(draw_seven(), "PNG")[:400]
     with pytest.raises(InvalidImage, match="truncated or corrupt"):
         prepare_image(open_image(data, 1_000_000), preprocess=True)
+
+
+def test_semi_transparent_strokes_on_a_transparent_canvas_are_ink() -> None:
+    # A pen at 40 % opacity: no pixel is more than half opaque, yet the strokes are the digit.
+    strokes = np.asarray(draw_seven(ink=255, paper=0), dtype=np.uint8) > 0
+    rgba = np.zeros((*strokes.shape, 4), dtype=np.uint8)
+    rgba[strokes] = (0, 0, 0, 102)
+    gray = image_to_gray(open_image(png(Image.fromarray(rgba, "RGBA")), 1_000_000))
+    out = to_mnist(gray)
+    assert not isinstance(out, NoDigit)
+    reference = to_mnist(np.asarray(draw_seven(), dtype=np.float32) / 255)
+    assert np.abs(out - reference).mean() < 0.05
+
+
+@pytest.mark.parametrize(("card", "ink"), [(204, 89), (255, 140)])  # grey card + pencil; white card + grey pencil
+def test_low_contrast_cards_with_transparent_margins(card: int, ink: int) -> None:
+    drawing = draw_seven(size=200, ink=ink, paper=card).convert("RGBA")
+    canvas = Image.new("RGBA", (400, 400), (0, 0, 0, 0))
+    canvas.paste(drawing, (100, 100))
+    gray = image_to_gray(open_image(png(canvas), 1_000_000))
+    assert gray[:50, :50].min() == pytest.approx(card / 255, abs=0.01)  # the margins became the card's paper
+    out = to_mnist(gray)
+    assert not isinstance(out, NoDigit)
+    reference = to_mnist(np.asarray(draw_seven(), dtype=np.float32) / 255)
+    assert np.abs(out - reference).mean() < 0.05  # the 7, not a card-shaped blob

@@ -359,3 +359,10 @@ def test_a_body_in_a_browser_form_type_is_refused(client: TestClient) -> None:
     )
     assert response.status_code == 415
     assert set(response.json()) == {"error"}
+
+
+def test_output_flags_must_be_booleans(client: TestClient) -> None:
+    body = infer_body(levels(0.5), outputs=[{"name": "digit", "parameters": {"binary_data": "false"}}])
+    response = client.post("/v2/models/mnist-cnn/infer", json=body)
+    assert response.status_code == 400  # "false" as a string is not false
+    assert "binary_data" in response.json()["error"]
