@@ -91,7 +91,7 @@ def goals(results: Results) -> list[Goal]:
     out: list[Goal] = []
 
     if ours and ts:
-        ratio, p99_ours, p99_ts = ours.ok_rps / ts.ok_rps, ours.latency_ms["p99"], ts.latency_ms["p99"]
+        ratio, p99_ours, p99_ts = _ratio(ours.ok_rps, ts.ok_rps), ours.latency_ms["p99"], ts.latency_ms["p99"]
         out.append(
             Goal(
                 f"throughput vs TorchServe, PNG, {CAPACITY_CLIENTS} clients",
@@ -103,7 +103,7 @@ def goals(results: Results) -> list[Goal]:
     else:
         out.append(Goal("throughput vs TorchServe", "not run", "≥ 1.5x, lower p99", None))
     if ours and hand:
-        ratio = ours.ok_rps / hand.ok_rps
+        ratio = _ratio(ours.ok_rps, hand.ok_rps)
         out.append(
             Goal(
                 f"throughput vs hand-written, PNG, {CAPACITY_CLIENTS} clients",
@@ -135,7 +135,7 @@ def goals(results: Results) -> list[Goal]:
             )
         )
         if ours:
-            ratio = over.ok_rps / ours.ok_rps
+            ratio = _ratio(over.ok_rps, ours.ok_rps)
             out.append(
                 Goal(
                     f"overload 2xx/s vs capacity at {CAPACITY_CLIENTS} clients",
@@ -187,3 +187,8 @@ def markdown(results: Results) -> str:
         lines += ["", *ratios]
     lines += ["", "| goal | measured | target | met |", "|---|---|---|---|", *(g.row() for g in goals(results))]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(ours: float, other: float) -> float:
+    """ours / other; a peer that answered nothing counts as infinitely slower (and the row shows its 0)."""
+    return ours / other if other else float("inf")
