@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default=_DEFAULTS.device, help="(default: %(default)s)"
     )
+    train.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="distil from this artifact version directory, e.g. artifacts/mnist-cnn/1 (default: labels only)",
+    )
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     train.add_argument("--dry-run", action="store_true", help="tiny subset and one epoch: a smoke test in seconds")
     train.add_argument("--no-report", action="store_true", help="skip writing the report next to the artifact")
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 lr=args.lr,
                 dry_run=args.dry_run,
+                teacher=args.teacher,
             )
             mnist = load_mnist(args.data_dir)
             command = shlex.join(["python", "-m", "trainer", *(sys.argv[1:] if argv is None else argv)])
