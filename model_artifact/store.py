@@ -67,12 +67,24 @@ def resolve_version_dir(root: Path, name: str, version: int | None = None) -> Pa
     return Path(root) / name / str(chosen)
 
 
-def find_valid_version(root: Path, name: str) -> Path | None:
-    """The newest version whose metadata validates and whose model file matches its checksum."""
+def check_servable(metadata: ArtifactMetadata, *, allow_smoke: bool = False) -> None:
+    """Refuse an artifact that must not be served as a model: a --dry-run smoke test."""
+    if metadata.smoke and not allow_smoke:
+        raise ArtifactError(
+            f"{metadata.name} version {metadata.version} is a --dry-run smoke test, not a trained model; "
+            "refusing it (allow smoke artifacts explicitly to use it anyway)"
+        )
+
+
+def find_valid_version(root: Path, name: str, *, allow_smoke: bool = False) -> Path | None:
+    """The newest version whose metadata validates, whose model file matches its checksum,
+    and which is servable (smoke tests are skipped unless `allow_smoke`)."""
     for version in reversed(list_versions(root, name)):
         version_dir = Path(root) / name / str(version)
         try:
-            verify_model_file(version_dir, read_metadata(version_dir))
+            metadata = read_metadata(version_dir)
+            verify_model_file(version_dir, metadata)
+            check_servable(metadata, allow_smoke=allow_smoke)
         except ArtifactError:
             continue
         return version_dir

@@ -31,10 +31,21 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32)).unsqueeze(1).div_(255.0)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a module's tensors live. A frozen TorchScript module has no parameters left (they
+    became constants), but it keeps buffers; with neither, the CPU."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Logits of a model in eval mode for 0..1 images, computed in batches on the model's device."""
-    device = next(iter(model.parameters()), torch.empty(0)).device
+def predict_logits(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000, device: torch.device | None = None
+) -> torch.Tensor:
+    """Logits of a model in eval mode for 0..1 images, computed in batches on `device`
+    (default: the model's own)."""
+    device = device or model_device(model)
     outputs = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 

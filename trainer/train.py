@@ -7,6 +7,7 @@ import logging
 import platform
 import random
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -170,7 +171,16 @@ class _Trainer:
         label = (
             f"model {self.member + 1}/{self.cfg.members} epoch {epoch}" if self.cfg.members > 1 else f"epoch {epoch}"
         )
-        bar = tqdm(batches, desc=label, unit="batch", leave=True, mininterval=1.0, dynamic_ncols=True)
+        # Bars only on a terminal; in compose or Kubernetes logs the per-epoch log line is enough.
+        bar = tqdm(
+            batches,
+            desc=label,
+            unit="batch",
+            leave=True,
+            mininterval=1.0,
+            dynamic_ncols=True,
+            disable=not sys.stderr.isatty(),
+        )
         for batch in bar:
             raw = augment(images[batch], self.cfg.augment, self.generator).to(self.device, non_blocking=True)
             x = ((raw - MNIST_MEAN) / MNIST_STD).contiguous(memory_format=torch.channels_last)
