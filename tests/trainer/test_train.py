@@ -11,7 +11,7 @@ from tests.trainer.idx import checksums, synthetic_mnist_files
 from trainer.__main__ import main
 from trainer.config import TrainConfig
 from trainer.data import Mnist, Split, fetch_mnist, load_mnist
-from trainer.evaluate import fit_temperature, predict_logits, write_report
+from trainer.evaluate import fit_temperature, most_confident_errors, predict_logits, write_report
 from trainer.train import distillation_loss, member_seed, split_train_val, train_and_export, warmup_ema
 
 
@@ -263,3 +263,10 @@ def test_predict_logits_runs_where_a_module_without_parameters_lives() -> None:
     model = Frozen()
     predict_logits(model, torch.zeros(3, 1, 28, 28))
     assert model.seen == [torch.device("meta")]
+
+
+def test_gallery_shows_the_most_confident_errors_first() -> None:
+    labels = np.array([1, 2, 3, 4, 5])
+    predictions = np.array([1, 7, 3, 9, 8])
+    confidence = np.array([0.99, 0.40, 0.95, 0.90, 0.60])
+    assert most_confident_errors(labels, predictions, confidence).tolist() == [3, 4, 1]
