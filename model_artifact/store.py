@@ -97,13 +97,15 @@ def write_artifact(
     write_model: Callable[[Path], None],
     build_metadata: Callable[[int, str], ArtifactMetadata],
     verify: Callable[[Path], None] | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Atomically publish a new version of `name` under `root`; returns its directory.
 
     Everything is written into a hidden temporary directory beside the versions, then
     renamed into place, so a reader sees either no new version or a complete one.
     `write_model(path)` writes model.pt; `build_metadata(version, sha256)` makes metadata;
-    `verify(directory)` may check the written files and raise before anything is published.
+    `verify(directory)` may check the written files and raise before anything is published;
+    `finish(directory)` may add files that need the metadata (a report) before publishing.
     """
     if not re.match(NAME_PATTERN, name):
         raise ArtifactError(f"invalid model name {name!r}")
@@ -125,6 +127,10 @@ def write_artifact(
             if metadata.version != version or metadata.model_sha256 != digest:
                 raise ArtifactError("build_metadata must use the version and checksum it is given")
             _write_json_synced(tmp / METADATA_FILE, metadata.model_dump(mode="json"))
+            if finish is not None:
+                finish(tmp)
+                for path in tmp.iterdir():
+                    _fsync_file(path)
             _fsync_dir(tmp)
             target = model_dir / str(version)
             try:

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     evaluate = commands.add_parser(
-        "evaluate", help="verify and load an artifact, measure it on the test set, write its report"
+        "evaluate", help="verify and load an artifact, measure it on the test set, write a report apart from it"
     )
     _add_common(evaluate)
     evaluate.add_argument(
@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model-name", default=_DEFAULTS.model_name, help="artifact name (default: %(default)s)")
     evaluate.add_argument("--version", type=int, default=None, help="artifact version (default: newest)")
     evaluate.add_argument("--path", type=Path, default=None, help="a version directory, instead of name/version")
+    evaluate.add_argument(
+        "--report-dir",
+        type=Path,
+        default=Path("reports"),
+        help="where the report goes, as <dir>/<name>/<version>/; a published version is never rewritten "
+        "(default: %(default)s)",
+    )
     return parser
 
 
@@ -141,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("a valid artifact exists at %s; not training (drop --skip-existing to retrain)", existing)
                 print(existing)
                 return 0
-            from trainer.evaluate import write_report
             from trainer.train import train_and_export
 
             cfg = TrainConfig(
@@ -161,21 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             mnist = load_mnist(args.data_dir)
             command = shlex.join(["python", "-m", "trainer", *(sys.argv[1:] if argv is None else argv)])
-            version_dir = train_and_export(cfg, mnist, command)
-            if not args.no_report:
-                test = mnist.test
-                if cfg.dry_run:
-                    from trainer.train import _subset
-
-                    test = _subset(test, cfg.dry_run_test_size)
-                write_report(version_dir, test)
+            version_dir = train_and_export(cfg, mnist, command, report=not args.no_report)
             print(version_dir)
         elif args.command == "evaluate":
             from trainer.evaluate import write_report
 
             version_dir = args.path or resolve_version_dir(args.output_dir, args.model_name, args.version)
-            scores = write_report(version_dir, load_mnist(args.data_dir).test)
-            print(f"{version_dir}: test accuracy {100 * scores.accuracy:.2f} %")
+            report_dir = args.report_dir / version_dir.parent.name / version_dir.name
+            scores = write_report(version_dir, load_mnist(args.data_dir).test, report_dir)
+            print(f"{version_dir}: test accuracy {100 * scores.accuracy:.2f} %; report in {report_dir}")
     except (DataError, ArtifactError) as exc:
         log.error("%s", exc)
         return 1

@@ -185,8 +185,11 @@ def _plot_misclassified(
     plt.close(fig)
 
 
-def write_report(version_dir: Path, test: Split) -> Scores:
-    """Load an artifact (checksum verified), evaluate it on `test` and write its report beside it."""
+def write_report(version_dir: Path, test: Split, out_dir: Path | None = None) -> Scores:
+    """Load an artifact (checksum verified), evaluate it on `test` and write its report to
+    `out_dir`. Only the trainer writes into a version directory, before it is published."""
+    out_dir = out_dir or version_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     model, metadata = load_model(version_dir)
     logits = predict_logits(model, images_to_tensor(test.images))
     labels = torch.from_numpy(test.labels.astype(np.int64))
@@ -197,11 +200,11 @@ def write_report(version_dir: Path, test: Split) -> Scores:
         raise ArtifactError(
             f"{version_dir}: measured test accuracy {scores.accuracy:.4%} differs from the claimed {claimed:.4%}"
         )
-    _plot_confusion(scores.confusion_matrix, version_dir / "confusion_matrix.png")
+    _plot_confusion(scores.confusion_matrix, out_dir / "confusion_matrix.png")
     calibrated = logits / metadata.temperature
-    _plot_curves(metadata, version_dir / "training_curves.png", float(F.cross_entropy(calibrated, labels)))
+    _plot_curves(metadata, out_dir / "training_curves.png", float(F.cross_entropy(calibrated, labels)))
     confidence = calibrated.softmax(dim=1).max(dim=1).values.numpy()
-    _plot_misclassified(test.images, test.labels, predictions, confidence, version_dir / "misclassified.png")
+    _plot_misclassified(test.images, test.labels, predictions, confidence, out_dir / "misclassified.png")
     # Calibration measured on the test set too: the temperature was fitted on validation, so
     # validation's figure alone would flatter it.
     test_ece = (
@@ -209,8 +212,8 @@ def write_report(version_dir: Path, test: Split) -> Scores:
         expected_calibration_error(logits / metadata.temperature, labels),
     )
     report = _report_markdown(metadata, scores, len(test.labels), test_ece)
-    (version_dir / REPORT_FILE).write_text(report, encoding="utf-8")
-    log.info("report written to %s", version_dir / REPORT_FILE)
+    (out_dir / REPORT_FILE).write_text(report, encoding="utf-8")
+    log.info("report written to %s", out_dir / REPORT_FILE)
     return scores
 
 

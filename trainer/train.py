@@ -38,6 +38,7 @@ from trainer.evaluate import (
     images_to_tensor,
     predict_logits,
     score,
+    write_report,
 )
 from trainer.model import MNIST_MEAN, MNIST_STD, DigitNet, ExportedModel, count_parameters
 
@@ -267,8 +268,9 @@ def _train_member(
     return final
 
 
-def train_and_export(cfg: TrainConfig, mnist: Mnist, command: str) -> Path:
-    """Run the whole job on `mnist` and publish an artifact; returns the version directory."""
+def train_and_export(cfg: TrainConfig, mnist: Mnist, command: str, report: bool = True) -> Path:
+    """Run the whole job on `mnist` and publish an artifact, its report included (unless
+    `report` is false); returns the version directory."""
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -389,6 +391,7 @@ def train_and_export(cfg: TrainConfig, mnist: Mnist, command: str) -> Path:
         lambda path: save_torchscript(best_model, path, example),
         build_metadata,
         verify=verify_export,
+        finish=(lambda directory: write_report(directory, test_split)) if report else None,
     )
     log.info("artifact written to %s (%.1f min)", version_dir, seconds / 60)
     return version_dir

@@ -120,7 +120,12 @@ def test_cli_dry_run_trains_and_reports(
     assert status == 0
     assert list_versions(tmp_path, "smoke") == [1]
     assert (tmp_path / "smoke" / "1" / "report.md").exists()
-    assert main(["evaluate", "--output-dir", str(tmp_path), "--model-name", "smoke"]) == 0
+    published = {p.name: p.read_bytes() for p in (tmp_path / "smoke" / "1").iterdir()}
+    reports = tmp_path / "reports"
+    assert main(["evaluate", "--output-dir", str(tmp_path), "--model-name", "smoke", "--report-dir", str(reports)]) == 0
+    assert (reports / "smoke" / "1" / "report.md").exists()
+    # evaluate never rewrites a published version
+    assert {p.name: p.read_bytes() for p in (tmp_path / "smoke" / "1").iterdir()} == published
 
 
 def test_cli_evaluate_reports_a_missing_model_as_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -270,3 +275,17 @@ def test_gallery_shows_the_most_confident_errors_first() -> None:
     predictions = np.array([1, 7, 3, 9, 8])
     confidence = np.array([0.99, 0.40, 0.95, 0.90, 0.60])
     assert most_confident_errors(labels, predictions, confidence).tolist() == [3, 4, 1]
+
+
+def test_a_version_is_published_with_its_report_or_not_at_all(
+    tmp_path: Path, synthetic_mnist: Mnist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.train
+
+    def crash(*args: object) -> None:
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(trainer.train, "write_report", crash)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        train_and_export(TrainConfig(output_dir=tmp_path, dry_run=True, val_size=100), synthetic_mnist, "t")
+    assert list_versions(tmp_path, "mnist-cnn") == []
