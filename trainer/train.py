@@ -272,6 +272,7 @@ def train_and_export(cfg: TrainConfig, mnist: Mnist, command: str, report: bool 
     """Run the whole job on `mnist` and publish an artifact, its report included (unless
     `report` is false); returns the version directory."""
     started = time.perf_counter()
+    git_commit = _git_commit()  # the code this run started with, not whatever is checked out at the end
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -368,7 +369,7 @@ def train_and_export(cfg: TrainConfig, mnist: Mnist, command: str, report: bool 
             training=training,
             history=history,
             dataset_sha256=mnist.sha256,
-            git_commit=_git_commit(),
+            git_commit=git_commit,
             smoke=cfg.dry_run,
         )
 
