@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from model_artifact import find_valid_version
+from model_artifact import find_valid_version, read_metadata
 from tests.container.client import assert_recognises_digits, model_version
 from tests.container.compose import Project, config, project, timestamp, up
 from tests.container.engine import REPO, Engine, docker, remove_image, scratch_dir
@@ -93,8 +93,11 @@ def test_a_trainer_run_writes_a_valid_artifact_into_a_scratch_directory(
         "--dry-run",
         timeout=600,
     )
-    found = find_valid_version(out, "mnist-cnn")
+    # A smoke run's artifact is complete and verified, and marked so that it never passes for a model.
+    assert find_valid_version(out, "mnist-cnn") is None, "a dry run was taken for a model"
+    found = find_valid_version(out, "mnist-cnn", allow_smoke=True)
     assert found is not None and found.name == "1", f"no valid artifact in {out}"
+    assert read_metadata(found).smoke
     one_off = f"label=com.docker.compose.project={compose_project.name}", "label=com.docker.compose.oneoff=True"
     assert docker("ps", "--all", "--quiet", "--filter", one_off[0], "--filter", one_off[1]).stdout.split() == []
 
