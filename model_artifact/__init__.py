@@ -29,7 +29,7 @@ from model_artifact.store import (
     verify_model_file,
     write_artifact,
 )
-from model_artifact.torchscript import load_model, quiet_torchscript, save_torchscript
+from model_artifact.torchscript import in_precision, load_model, quiet_torchscript, save_torchscript
 
 __all__ = [
     "METADATA_FILE",
@@ -44,6 +44,7 @@ __all__ = [
     "Precision",
     "check_servable",
     "find_valid_version",
+    "in_precision",
     "list_versions",
     "load_model",
     "quiet_torchscript",

@@ -3,6 +3,10 @@
 torch 2.13 marks `torch.jit` deprecated (it still works); TorchScript is the format our users
 asked for, so that one warning is silenced here, where it is called, and nowhere else. Another
 format would get a module of its own beside this one and a branch in `load_model`.
+
+The metadata's `precision` says which numerics the model computes in, and its accuracy was
+measured in them: `load_model` returns the model running in that precision, for the service,
+the trainer's evaluation and the benchmark alike, so nobody changes numerics silently.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from model_artifact.schema import ArtifactMetadata
+from model_artifact.schema import ArtifactMetadata, Precision
 from model_artifact.store import ArtifactError, read_metadata, verify_model_file
 
 
@@ -36,7 +40,30 @@ def load_model(version_dir: Path, map_location: str | torch.device = "cpu") -> t
     except Exception as exc:  # torch raises RuntimeError and friends for corrupt archives
         raise ArtifactError(f"{path}: cannot be loaded as TorchScript: {exc}") from exc
     model.eval()
-    return model, metadata
+    return in_precision(model, metadata.precision), metadata
+
+
+class Autocast(torch.nn.Module):
+    """A float32 model run under autocast: convolutions and matrix products in `dtype` (with
+    float32 accumulation), float32 logits out. bfloat16 keeps float32's range, so no scaling."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+def in_precision(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+    """The float32 model file, computing in `precision`."""
+    if precision == "float32":
+        return model
+    if precision == "bfloat16":
+        return Autocast(model, torch.bfloat16).eval()
+    raise ArtifactError(f"precision {precision!r} is not supported by this loader (float32, bfloat16)")
 
 
 def save_torchscript(module: torch.nn.Module, path: Path, example: torch.Tensor) -> None:

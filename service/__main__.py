@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-import uvicorn
 from pydantic import ValidationError
 
 from service.config import Settings, unknown_settings
@@ -28,28 +27,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)  # noqa: T201 - before logging exists
         return 2
 
-    from service.app import create_app
+    from service.auth import read_tokens
     from service.logging_setup import configure_logging
-    from service.server import GracefulServer
 
     configure_logging(settings.log_level, settings.log_format)
     for warning in unknown_settings(os.environ):
         logging.getLogger("service").warning("%s", warning)
-    try:
-        app = create_app(settings)
+    settings = settings.for_workers()
+    try:  # fail here, once, not in every worker
+        read_tokens(settings.api_tokens, settings.api_tokens_file)
+        read_tokens(settings.admin_tokens, settings.admin_tokens_file)
     except ValueError as exc:  # e.g. a token file that cannot be read
         print(f"invalid settings: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,  # the service writes its own, with request IDs and without probes
-        # In-flight requests get their full timeout to finish once the listener has closed.
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-    )
-    server = GracefulServer(config, app.state.lifecycle, settings.shutdown_delay_s)
+    if settings.workers > 1:
+        from service.workers import Supervisor
+
+        return Supervisor(settings, settings.workers).run()
+
+    from service.app import create_app
+    from service.server import build_server
+
+    app = create_app(settings)
+    server = build_server(app, settings)
     server.run()
     return 0 if server.started else 3  # 3: start-up failed (uvicorn's convention); the log says why
 

@@ -4,6 +4,9 @@ The collaborators, each in a module of its own:
     ModelRegistry (which model new requests get) -> Pipeline (decode, preprocess, batch, calibrate)
     -> Batcher (one forward pass for many requests) -> Predictor (the model on its device);
     Reloader installs vetted versions in the registry; Lifecycle answers the probes.
+
+With several worker processes (`service.workers`), each runs one such app, and they share a
+`WorkerBoard`: probes answer for all of them, and a reload in one makes every one look.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from model_artifact import ArtifactError
 from service import __version__
 from service.auth import AdminAuth, TokenCheck, read_tokens
 from service.batcher import Batcher
+from service.board import PUBLISH_EVERY_S, WorkerBoard, WorkerState
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.lifecycle import Lifecycle
@@ -68,9 +72,12 @@ def create_app(
     predictor: Predictor | None = None,
     batcher: Batcher | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    board: WorkerBoard | None = None,
+    worker_index: int = 0,
 ) -> FastAPI:
     """Build the app. Tests pass a small `predictor` (and may pass a `batcher`) and a fresh
-    `metrics_registry`; otherwise the lifespan loads the artifact that `settings` names."""
+    `metrics_registry`; otherwise the lifespan loads the artifact that `settings` names. A worker
+    process gets the service's shared `board` and its slot on it."""
     settings = settings or Settings()
     metrics = Metrics(metrics_registry)
     batcher = batcher or Batcher(
@@ -82,23 +89,35 @@ def create_app(
     )
     pipeline = Pipeline(batcher, metrics, request_timeout_s=settings.request_timeout_s)
     batcher.on_the_way = lambda: pipeline.on_the_way
-    models = ModelRegistry(on_install=lambda m: metrics.serving(m.name, m.version))
-    lifecycle = Lifecycle(models, batcher)
+
+    def installed(model: Predictor) -> None:
+        metrics.serving(model.name, model.version)
+        lifecycle.publish()  # at once: an admin reload waits for every worker's version
+
+    models = ModelRegistry(on_install=installed)
+    board = board or WorkerBoard(1)
+    lifecycle = Lifecycle(models, batcher, board, worker_index)
+
+    def reloaded(outcome: str) -> None:
+        metrics.reloaded(outcome)
+        if outcome == "reloaded":
+            board.request_reload()  # the other workers follow
+
     reloader = (
-        Reloader(settings, lambda: models.model, models.install, on_outcome=metrics.reloaded)
-        if predictor is None
-        else None
+        Reloader(settings, lambda: models.model, models.install, on_outcome=reloaded) if predictor is None else None
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await _start(settings, models, batcher, predictor)
+        member = asyncio.create_task(_take_part(lifecycle, reloader), name="worker-board")
         watcher = None
-        if reloader is not None and settings.reload_interval_s > 0 and settings.model_version is None:
-            watcher = asyncio.create_task(
-                reloader.watch(settings.reload_interval_s, paused=lambda: lifecycle.draining), name="model-watcher"
-            )
         try:
+            await _start(settings, models, batcher, predictor)
+            if reloader is not None and settings.reload_interval_s > 0 and settings.model_version is None:
+                watcher = asyncio.create_task(
+                    reloader.watch(settings.reload_interval_s, paused=lambda: lifecycle.draining),
+                    name="model-watcher",
+                )
             yield
         finally:
             lifecycle.draining = True
@@ -106,6 +125,8 @@ def create_app(
                 watcher.cancel()
             await batcher.stop(drain_timeout_s=settings.request_timeout_s)
             pipeline.close()
+            member.cancel()
+            board.publish(worker_index, WorkerState.STOPPED, board.version(worker_index))
             log.info("stopped")
 
     # FastAPIOffline: the same FastAPI app, with /docs and /redoc served from bundled assets
@@ -121,6 +142,7 @@ def create_app(
     app.state.models = models
     app.state.pipeline = pipeline
     app.state.lifecycle = lifecycle
+    app.state.board = board
     app.state.reloader = reloader
     app.state.api_auth = TokenCheck(read_tokens(settings.api_tokens, settings.api_tokens_file), "predictions")
     app.state.admin_auth = TokenCheck(read_tokens(settings.admin_tokens, settings.admin_tokens_file), "admin")
@@ -161,6 +183,25 @@ def create_app(
             ],
         )
     return app
+
+
+async def _take_part(lifecycle: Lifecycle, reloader: Reloader | None) -> None:
+    """Keep this worker's slot on the board current, and look for a new model version whenever
+    another worker has switched (or an admin asked one to)."""
+    board = lifecycle.board
+    seen = board.reload_requests
+    while True:
+        lifecycle.publish()
+        if board.reload_requests != seen:
+            seen = board.reload_requests
+            if reloader is not None and lifecycle.registry.model is not None and not lifecycle.draining:
+                try:
+                    await reloader.reload()
+                except ArtifactError:
+                    pass  # the reloader logged the refusal; the old model keeps serving here
+                except Exception:
+                    log.exception("following another worker's reload failed; still serving the old model")
+        await asyncio.sleep(PUBLISH_EVERY_S)
 
 
 async def _start(settings: Settings, models: ModelRegistry, batcher: Batcher, predictor: Predictor | None) -> None:

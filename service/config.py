@@ -24,8 +24,19 @@ class Settings(BaseSettings):
     artifact_dir: Path = Field(Path("artifacts"), description="root of artifacts/<model>/<version>/")
     model_name: str = Field("mnist-cnn", description="which model under artifact_dir to serve")
     model_version: int | None = Field(None, ge=1, description="version to serve; unset: the newest")
+    allow_smoke_models: bool = Field(
+        False, description="serve a trainer --dry-run smoke artifact (refused by default: it is no real model)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
-    cpu_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads; unset: torch's default")
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="worker processes, each with its own model and batcher; 0: one per CPU the service may use",
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, le=256, description="torch intra-op threads per worker; unset: the CPUs shared among the workers"
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="most images in one forward pass")
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, in ms")
     queue_limit: int = Field(2048, ge=1, description="most images waiting; beyond it requests get 429")
@@ -93,6 +104,17 @@ class Settings(BaseSettings):
         if self.metrics_require_token and not (self.admin_tokens or self.admin_tokens_file):
             raise ValueError("metrics_require_token needs admin tokens (admin_tokens or admin_tokens_file)")
         return self
+
+    def for_workers(self, cpus: int | None = None) -> Settings:
+        """These settings with the worker count and each worker's torch threads decided: one
+        worker per CPU unless set, and the CPUs shared among the workers."""
+        if cpus is None:
+            from service.workers import available_cpus
+
+            cpus = available_cpus()
+        workers = self.workers or cpus
+        threads = self.cpu_threads or max(1, cpus // workers)
+        return self.model_copy(update={"workers": workers, "cpu_threads": threads})
 
     @property
     def max_batch_wait_s(self) -> float:

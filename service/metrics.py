@@ -1,8 +1,18 @@
-"""Prometheus metrics on a registry passed in (tests build a fresh one per app)."""
+"""Prometheus metrics on a registry passed in (tests build a fresh one per app).
+
+With several worker processes (`PROMETHEUS_MULTIPROC_DIR` set by the supervisor before they
+start), prometheus_client keeps every value in per-process files and /metrics adds them up:
+counters and histograms sum, and each gauge says how its workers' values combine.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Latencies here are milliseconds to a few hundred: buckets in seconds from 0.5 ms to 10 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -31,7 +41,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge(f"{PREFIX}_http_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.in_flight = Gauge(
+            f"{PREFIX}_http_requests_in_flight", "HTTP requests being handled", multiprocess_mode="livesum", registry=r
+        )
         self.queue_wait_seconds = Histogram(
             f"{PREFIX}_queue_wait_seconds",
             "time a request's images waited for a batch",
@@ -44,7 +56,9 @@ class Metrics:
         self.batch_size = Histogram(
             f"{PREFIX}_batch_size", "images per forward pass", buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth_images = Gauge(f"{PREFIX}_queue_depth", "images waiting for a batch", registry=r)
+        self.queue_depth_images = Gauge(
+            f"{PREFIX}_queue_depth", "images waiting for a batch", multiprocess_mode="livesum", registry=r
+        )
         self.rejections = Counter(
             f"{PREFIX}_rejected_requests", "requests refused before inference, by reason", ["reason"], registry=r
         )
@@ -57,9 +71,16 @@ class Metrics:
             registry=r,
         )
         self.reloads = Counter(f"{PREFIX}_model_reloads", "model version switches, by outcome", ["outcome"], registry=r)
+        # 1 while any worker serves that version; 0 once none does (set, never removed: a worker
+        # cannot take a value out of the shared files).
         self.model_info = Gauge(
-            f"{PREFIX}_model_info", "the model being served (value 1)", ["name", "version"], registry=r
+            f"{PREFIX}_model_info",
+            "the model being served (value 1)",
+            ["name", "version"],
+            multiprocess_mode="livemax",
+            registry=r,
         )
+        self._serving: tuple[str, str] | None = None
         for reason in ("queue_full", "queue_delay", "deadline", "timeout", "unavailable"):
             self.rejections.labels(reason=reason)
         self._per_digit = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
@@ -95,5 +116,15 @@ class Metrics:
         self.reloads.labels(outcome=outcome).inc()
 
     def serving(self, name: str, version: int) -> None:
-        self.model_info.clear()
-        self.model_info.labels(name=name, version=str(version)).set(1)
+        if self._serving is not None:
+            self.model_info.labels(*self._serving).set(0)
+        self._serving = (name, str(version))
+        self.model_info.labels(*self._serving).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text for GET /metrics and its content type: every worker's values, combined."""
+        if os.environ.get(MULTIPROCESS_ENV):
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)
+            return generate_latest(combined), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -2,8 +2,9 @@
 
 Every version the service serves, at start-up or on reload, is vetted the same way: its
 files are verified against their checksum, its metadata's input spec must be the one the
-service feeds, a handful of known digits must be classified correctly, and it is warmed up
-at every batch size. A reload does all of that beside the serving model and only then
+service feeds, it must be a trained model (not a --dry-run smoke test), a handful of known
+digits must be classified correctly, and it is warmed up at every batch size, in the
+precision its metadata names. A reload does all of that beside the serving model and only then
 swaps it in; a version that fails is refused and the old one keeps serving.
 """
 
@@ -25,6 +26,7 @@ from model_artifact import (
     ArtifactError,
     InputSpec,
     OutputSpec,
+    check_servable,
     list_versions,
     load_model,
     resolve_version_dir,
@@ -68,6 +70,7 @@ def prepare_version(version_dir: Path, settings: Settings) -> Predictor:
     """Load, verify, vet and warm one version (blocking; run it on a worker thread)."""
     device = pick_device(settings.device)
     model, metadata = load_model(version_dir, map_location=device)
+    check_servable(metadata, allow_smoke=settings.allow_smoke_models)
     predictor = Predictor(model, metadata, device)
     _check_specs(predictor)
     _check_known_digits(predictor)

@@ -78,6 +78,9 @@ class ModelInfo(BaseModel):
     version: int
     created_at: datetime
     format: str
+    precision: str = Field(
+        description="the numerics the model computes in (float32 or bfloat16); the accuracies were measured in it"
+    )
     parameters: int
     test_accuracy: float = Field(description="fraction correct on the official MNIST test set")
     per_class_accuracy: list[float]

@@ -14,7 +14,9 @@ import time
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
+from service.config import Settings
 from service.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -39,3 +41,17 @@ class GracefulServer(uvicorn.Server):
         if self._pending is not None and not self.should_exit and time.monotonic() >= self._pending[1]:
             super().handle_exit(self._pending[0], None)
         return await super().on_tick(counter)
+
+
+def build_server(app: FastAPI, settings: Settings) -> GracefulServer:
+    """uvicorn configured for the service: its own access log, and a drain as long as a request may take."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,  # the service writes its own, with request IDs and without probes
+        # In-flight requests get their full timeout to finish once the listener has closed.
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    return GracefulServer(config, app.state.lifecycle, settings.shutdown_delay_s)

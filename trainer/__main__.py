@@ -123,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the report goes, as <dir>/<name>/<version>/; a published version is never rewritten "
         "(default: %(default)s)",
     )
+    convert = commands.add_parser(
+        "convert",
+        help="publish a trained version in a cheaper precision as a new version, if it keeps its validation accuracy",
+    )
+    _add_common(convert)
+    convert.add_argument("source", type=Path, help="a float32 version directory, e.g. artifacts/mnist-cnn/1")
+    convert.add_argument("--precision", choices=["bfloat16"], default="bfloat16", help="(default: %(default)s)")
+    convert.add_argument(
+        "--output-dir", type=Path, default=_DEFAULTS.output_dir, help="artifact root (default: %(default)s)"
+    )
+    convert.add_argument(
+        "--max-extra-val-errors",
+        type=int,
+        default=1,
+        help="validation mistakes it may add to float32's, or nothing is published (default: %(default)s)",
+    )
+    convert.add_argument("--no-report", action="store_true", help="skip writing the report next to the artifact")
     return parser
 
 
@@ -176,6 +193,21 @@ def main(argv: list[str] | None = None) -> int:
             report_dir = args.report_dir / version_dir.parent.name / version_dir.name
             scores = write_report(version_dir, load_mnist(args.data_dir).test, report_dir)
             print(f"{version_dir}: test accuracy {100 * scores.accuracy:.2f} %; report in {report_dir}")
+        elif args.command == "convert":
+            from trainer.convert import convert_precision
+
+            read_metadata(args.source)  # a wrong path fails now, not after loading MNIST
+            command = shlex.join(["python", "-m", "trainer", *(sys.argv[1:] if argv is None else argv)])
+            version_dir = convert_precision(
+                args.source,
+                args.precision,
+                args.output_dir,
+                load_mnist(args.data_dir),
+                command,
+                max_extra_val_errors=args.max_extra_val_errors,
+                report=not args.no_report,
+            )
+            print(version_dir)
     except (DataError, ArtifactError) as exc:
         log.error("%s", exc)
         return 1

@@ -217,6 +217,16 @@ def write_report(version_dir: Path, test: Split, out_dir: Path | None = None) ->
     return scores
 
 
+def _conversion_line(training: dict) -> str:
+    source = training.get("converted_from")
+    if not source:
+        return ""
+    return (
+        f"\n- Converted from {source['name']} v{source['version']} ({source['precision']}) by `{source['command']}`: "
+        f"{source['val_errors']} validation errors before, {source['val_errors_converted']} after"
+    )
+
+
 def _report_markdown(metadata: ArtifactMetadata, scores: Scores, n_test: int, test_ece: tuple[float, float]) -> str:
     ev = metadata.evaluation
     errors = sum(sum(row) for row in scores.confusion_matrix) - sum(scores.confusion_matrix[i][i] for i in range(10))
@@ -230,9 +240,10 @@ def _report_markdown(metadata: ArtifactMetadata, scores: Scores, n_test: int, te
 - Test accuracy: **{100 * scores.accuracy:.2f} %** on {n_test} test images ({errors} errors); test loss {scores.loss:.4f}
 - Validation accuracy: {100 * ev.val_accuracy:.2f} %
 - Calibration: temperature {metadata.temperature:.3f} (fitted on validation); expected calibration error on the test set {100 * test_ece[0]:.2f} % before, {100 * test_ece[1]:.2f} % after (validation: {100 * ev.val_ece_before:.2f} % before, {100 * ev.val_ece_after:.2f} % after)
+- Precision: {metadata.precision} (the accuracies above were measured in it)
 - Parameters: {metadata.parameters:,}; torch {metadata.torch_version}; created {metadata.created_at:%Y-%m-%d %H:%M} UTC
 - Training: {training.get("members", 1)} network(s) x {training.get("epochs_run")} epochs in {training.get("seconds", 0) / 60:.1f} min on {training.get("device")}, seed {training.get("config", {}).get("seed")}
-- Command: `{training.get("command")}`
+- Command: `{training.get("command")}`{_conversion_line(training)}
 
 | digit | test images | accuracy |
 |---|---|---|

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from model_artifact import ArtifactError
 from service.auth import AdminAuth
+from service.board import PUBLISH_EVERY_S, WorkerBoard
 from service.errors import ErrorBody, ServiceError
 from service.reload import Reloader
 
@@ -22,6 +25,11 @@ class ReloadResult(BaseModel):
     status: str = Field(examples=["reloaded"], description="reloaded, or unchanged when already serving the newest")
     previous_version: int
     serving_version: int
+    workers: int = Field(description="worker processes of the service")
+    workers_switched: int = Field(
+        description="workers serving serving_version when this answer was sent; "
+        "fewer than workers only if some could not switch within the request timeout"
+    )
 
 
 @router.post(
@@ -45,6 +53,22 @@ async def reload_model(request: Request) -> ReloadResult:
         outcome = await reloader.reload()
     except ArtifactError as exc:
         raise ReloadConflict(str(exc)) from None
+    board: WorkerBoard = request.app.state.board
+    board.request_reload()  # the other workers look too, even if this one had already switched
+    switched = await _switched(board, outcome.serving_version, request.app.state.settings.request_timeout_s)
     return ReloadResult(
-        status=outcome.status, previous_version=outcome.previous_version, serving_version=outcome.serving_version
+        status=outcome.status,
+        previous_version=outcome.previous_version,
+        serving_version=outcome.serving_version,
+        workers=board.size,
+        workers_switched=switched,
     )
+
+
+async def _switched(board: WorkerBoard, version: int, timeout_s: float) -> int:
+    """Wait until every worker serves `version`; how many do."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (count := board.versions().count(version)) < board.size and loop.time() < deadline:
+        await asyncio.sleep(PUBLISH_EVERY_S / 2)
+    return count

@@ -1,9 +1,9 @@
-"""GET /metrics: Prometheus text exposition of the app's own registry."""
+"""GET /metrics: Prometheus text exposition, every worker process's values combined."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter(tags=["metrics"])
 
@@ -15,4 +15,5 @@ router = APIRouter(tags=["metrics"])
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)

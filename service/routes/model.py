@@ -25,6 +25,7 @@ async def model_info(model: CurrentModel) -> ModelInfo:
         version=meta.version,
         created_at=meta.created_at,
         format=meta.format,
+        precision=meta.precision,
         parameters=meta.parameters,
         test_accuracy=meta.evaluation.test_accuracy,
         per_class_accuracy=meta.evaluation.per_class_accuracy,

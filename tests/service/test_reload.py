@@ -21,6 +21,7 @@ from model_artifact import (
     save_torchscript,
     write_artifact,
 )
+from model_artifact.torchscript import Autocast
 from service.app import create_app
 from service.config import Settings
 from tests.helpers import MarkedNet, MeanIntensityNet, probe_image, version_of
@@ -133,6 +134,8 @@ def test_admin_reload_switches_or_says_unchanged_and_needs_its_token(watching: T
         "status": "unchanged",
         "previous_version": 1,
         "serving_version": 1,
+        "workers": 1,
+        "workers_switched": 1,
     }
 
 
@@ -143,7 +146,13 @@ def test_admin_reload_without_watching(artifacts: Path) -> None:
         time.sleep(0.3)
         assert client.get("/readyz").json()["model"]["version"] == 1  # no watcher: nothing happens by itself
         response = client.post("/v1/admin/reload", headers={"Authorization": "Bearer admin"})
-        assert response.json() == {"status": "reloaded", "previous_version": 1, "serving_version": 2}
+        assert response.json() == {
+            "status": "reloaded",
+            "previous_version": 1,
+            "serving_version": 2,
+            "workers": 1,
+            "workers_switched": 1,
+        }
         assert client.post("/v1/predict", json=PIXELS).headers["X-Model-Version"] == "2"
 
 
@@ -262,3 +271,27 @@ def test_a_refused_version_is_refused_again_cheaply_until_its_files_change(
     (version_dir / "metadata.json").write_text(fixed.model_dump_json())
     wait_for_version(watching, 2)
     assert watching.post("/v1/predict", json=PIXELS).headers["X-Model-Version"] == "2"
+
+
+def test_start_up_refuses_a_smoke_test_artifact_unless_allowed(tmp_path: Path) -> None:
+    publish(tmp_path, copy_default_model, smoke=True)  # what `trainer train --dry-run` makes
+    with (
+        pytest.raises(ArtifactError, match="smoke test"),
+        TestClient(create_app(Settings(artifact_dir=tmp_path), metrics_registry=CollectorRegistry())),
+    ):
+        pass
+    allowed = Settings(artifact_dir=tmp_path, allow_smoke_models=True)
+    with TestClient(create_app(allowed, metrics_registry=CollectorRegistry())) as client:
+        assert client.get("/readyz").status_code == 200
+
+
+def test_the_model_route_names_the_precision_the_artifact_computes_in(tmp_path: Path) -> None:
+    publish(tmp_path, copy_default_model)
+    publish(tmp_path, copy_default_model, precision="bfloat16")
+    with TestClient(create_app(Settings(artifact_dir=tmp_path), metrics_registry=CollectorRegistry())) as client:
+        assert client.get("/v1/model").json()["precision"] == "bfloat16"
+        served = client.app.state.models.model.model
+        assert isinstance(served, Autocast)  # the numerics the metadata names, not float32 silently
+    pinned = Settings(artifact_dir=tmp_path, model_version=1)
+    with TestClient(create_app(pinned, metrics_registry=CollectorRegistry())) as client:
+        assert client.get("/v1/model").json()["precision"] == "float32"

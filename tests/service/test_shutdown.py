@@ -14,7 +14,9 @@ DELAY_S = 1.5
 
 
 def test_sigterm_under_load_keeps_serving_through_the_delay_and_drops_nothing() -> None:
-    with running_service({"DIGIT_SHUTDOWN_DELAY_S": str(DELAY_S), "DIGIT_LOG_LEVEL": "warning"}) as service:
+    with running_service(
+        {"DIGIT_SHUTDOWN_DELAY_S": str(DELAY_S), "DIGIT_LOG_LEVEL": "warning", "DIGIT_WORKERS": "2"}
+    ) as service:
         run = _sigterm_under_load(service)
     output = service.output
     process = service.process

@@ -323,7 +323,8 @@ def test_tritonclient_reads_metadata_checks_health_and_recognises_real_digits(li
 
     uint8 = triton.InferInput("input", [8, 784], "UINT8")
     uint8.set_data_from_numpy(images[:8].reshape(8, 784))
-    result = client.infer("mnist-cnn", [uint8], model_version="1")  # no outputs named: all, as binary
+    served = client.get_model_metadata("mnist-cnn")["versions"][0]
+    result = client.infer("mnist-cnn", [uint8], model_version=served)  # no outputs named: all, as binary
     assert np.array_equal(result.as_numpy("digit"), labels[:8])
     assert result.as_numpy("logits").shape == (8, 10)
 

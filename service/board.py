@@ -1,0 +1,108 @@
+"""What the worker processes of one service tell each other, in shared memory.
+
+Each worker owns one slot: its state (starting, ready, draining, failed), the model version it
+serves and a heartbeat. Any worker can then answer the probes for all of them, since a load
+balancer's probe reaches whichever worker accepts it: ready only when every worker is, live only
+while none has failed or hung. A shared counter asks every worker to look for a new model version,
+so one admin reload (or one worker's watcher) switches them all.
+
+A single-process service has a board of one slot, so the code path is the same.
+"""
+
+from __future__ import annotations
+
+import enum
+import multiprocessing
+import time
+from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
+
+# A ready worker that has not published for this long is hung (its event loop is blocked).
+STALE_AFTER_S = 15.0
+PUBLISH_EVERY_S = 0.25
+
+
+class WorkerState(enum.IntEnum):
+    STARTING = 0
+    READY = 1
+    DRAINING = 2
+    FAILED = 3
+    STOPPED = 4
+
+
+class WorkerBoard:
+    """Shared slots for `workers` processes; pass it to each worker at spawn."""
+
+    def __init__(self, workers: int, context: multiprocessing.context.BaseContext | None = None) -> None:
+        if workers < 1:
+            raise ValueError("a board needs at least one worker")
+        ctx = context or multiprocessing.get_context("spawn")
+        self.size = workers
+        self._state: SynchronizedArray[int] = ctx.Array("i", workers)
+        self._version: SynchronizedArray[int] = ctx.Array("i", workers)
+        self._beat: SynchronizedArray[float] = ctx.Array("d", workers)
+        self._reloads: Synchronized[int] = ctx.Value("i", 0)
+        self._shutting_down: Synchronized[int] = ctx.Value("i", 0)
+        for index in range(workers):
+            self.reset(index)
+
+    # --- a worker's own slot -----------------------------------------------------------------
+
+    def publish(self, index: int, state: WorkerState, version: int) -> None:
+        self._state[index] = state
+        self._version[index] = version
+        self._beat[index] = time.monotonic()  # CLOCK_MONOTONIC is one clock for the whole machine
+
+    def reset(self, index: int) -> None:
+        """A (re)spawned worker starts afresh; the supervisor calls this before starting it."""
+        self.publish(index, WorkerState.STARTING, 0)
+
+    # --- everyone's ---------------------------------------------------------------------------
+
+    def state(self, index: int) -> WorkerState:
+        return WorkerState(self._state[index])
+
+    def version(self, index: int) -> int:
+        return self._version[index]
+
+    def not_ready(self, *, besides: int) -> str | None:
+        """Why some worker other than `besides` is not ready, or None."""
+        for index in range(self.size):
+            if index != besides and self.state(index) is not WorkerState.READY:
+                return f"worker {index + 1} of {self.size} is {self.state(index).name.lower()}"
+        return None
+
+    def not_live(self, *, besides: int, now: float | None = None) -> str | None:
+        """Why some worker other than `besides` cannot make progress, or None."""
+        now = time.monotonic() if now is None else now
+        for index in range(self.size):
+            if index == besides:
+                continue
+            state = self.state(index)
+            if state is WorkerState.FAILED:
+                return f"worker {index + 1} of {self.size} has failed"
+            silent = now - self._beat[index]
+            if state is WorkerState.READY and silent > STALE_AFTER_S:
+                return f"worker {index + 1} of {self.size} has not answered for {silent:.0f} s"
+        return None
+
+    def versions(self) -> list[int]:
+        return [self.version(index) for index in range(self.size)]
+
+    @property
+    def shutting_down(self) -> bool:
+        """The supervisor has been told to stop: every worker's readiness is off from this moment."""
+        return bool(self._shutting_down.value)
+
+    def shut_down(self) -> None:
+        self._shutting_down.value = 1
+
+    # --- reloads ------------------------------------------------------------------------------
+
+    @property
+    def reload_requests(self) -> int:
+        return self._reloads.value
+
+    def request_reload(self) -> None:
+        """Ask every worker to look for a new model version now."""
+        with self._reloads.get_lock():
+            self._reloads.value += 1
