@@ -20,7 +20,9 @@ from PIL import Image
 
 MODEL_DIR = Path(os.environ["BENCH_MODEL_DIR"])
 model = torch.jit.load(str(MODEL_DIR / "model.pt"), map_location="cpu").eval()
-temperature = float(json.loads((MODEL_DIR / "metadata.json").read_text())["temperature"])
+metadata = json.loads((MODEL_DIR / "metadata.json").read_text())
+temperature = float(metadata["temperature"])
+bfloat16 = metadata.get("precision", "float32") == "bfloat16"  # the numerics the artifact was measured in
 
 app = FastAPI()
 
@@ -29,6 +31,7 @@ app = FastAPI()
 async def predict_image(request: Request) -> dict[str, object]:
     image = Image.open(io.BytesIO(await request.body())).convert("L").resize((28, 28))
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
-    with torch.no_grad():
-        probabilities = torch.softmax(model(x) / temperature, dim=1)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        logits = model(x).float()
+    probabilities = torch.softmax(logits / temperature, dim=1)[0]
     return {"digit": int(probabilities.argmax()), "probabilities": probabilities.tolist()}

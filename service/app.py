@@ -74,10 +74,12 @@ def create_app(
     metrics_registry: CollectorRegistry | None = None,
     board: WorkerBoard | None = None,
     worker_index: int = 0,
+    start_version: int | None = None,
 ) -> FastAPI:
     """Build the app. Tests pass a small `predictor` (and may pass a `batcher`) and a fresh
     `metrics_registry`; otherwise the lifespan loads the artifact that `settings` names. A worker
-    process gets the service's shared `board` and its slot on it."""
+    process gets the service's shared `board` and its slot on it; a replacement worker starts on
+    `start_version`, the one its siblings serve, and follows them from there."""
     settings = settings or Settings()
     metrics = Metrics(metrics_registry)
     batcher = batcher or Batcher(
@@ -110,9 +112,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         member = asyncio.create_task(_take_part(lifecycle, reloader), name="worker-board")
+        lag = asyncio.create_task(pipeline.loop_lag.run(), name="loop-lag")
         watcher = None
         try:
-            await _start(settings, models, batcher, predictor)
+            await _start(settings, models, batcher, predictor, start_version)
             if reloader is not None and settings.reload_interval_s > 0 and settings.model_version is None:
                 watcher = asyncio.create_task(
                     reloader.watch(settings.reload_interval_s, paused=lambda: lifecycle.draining),
@@ -126,6 +129,7 @@ def create_app(
             await batcher.stop(drain_timeout_s=settings.request_timeout_s)
             pipeline.close()
             member.cancel()
+            lag.cancel()
             board.publish(worker_index, WorkerState.STOPPED, board.version(worker_index))
             log.info("stopped")
 
@@ -161,12 +165,14 @@ def create_app(
             return FileResponse(STATIC_DIR / "index.html")
 
     # Added last = outermost: metrics see every response, the 413s of the body limit included.
+    # Shedding comes before them all (inside CORS only, so browsers can read a 429): under overload
+    # most requests take that path, and it must cost far less than an answer.
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
     )
-    app.add_middleware(SheddingMiddleware, pipeline=pipeline)
-    app.add_middleware(ObservingMiddleware, metrics=metrics)
+    app.add_middleware(ObservingMiddleware, metrics=metrics, worker=worker_index + 1)
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(SheddingMiddleware, pipeline=pipeline, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -192,9 +198,10 @@ async def _take_part(lifecycle: Lifecycle, reloader: Reloader | None) -> None:
     seen = board.reload_requests
     while True:
         lifecycle.publish()
-        if board.reload_requests != seen:
+        # A request that arrives while this worker is still loading waits until it can act on it.
+        if board.reload_requests != seen and lifecycle.registry.model is not None and not lifecycle.draining:
             seen = board.reload_requests
-            if reloader is not None and lifecycle.registry.model is not None and not lifecycle.draining:
+            if reloader is not None:
                 try:
                     await reloader.reload()
                 except ArtifactError:
@@ -204,11 +211,17 @@ async def _take_part(lifecycle: Lifecycle, reloader: Reloader | None) -> None:
         await asyncio.sleep(PUBLISH_EVERY_S)
 
 
-async def _start(settings: Settings, models: ModelRegistry, batcher: Batcher, predictor: Predictor | None) -> None:
+async def _start(
+    settings: Settings,
+    models: ModelRegistry,
+    batcher: Batcher,
+    predictor: Predictor | None,
+    start_version: int | None = None,
+) -> None:
     if predictor is None:
         # Load, verify, vet and warm the configured version; seconds of work off the event loop.
         try:
-            predictor = await asyncio.to_thread(prepare_configured, settings)
+            predictor = await asyncio.to_thread(prepare_configured, settings, start_version)
         except ArtifactError as exc:
             # One clear line naming the file and the problem (uvicorn's traceback follows it).
             log.error("refusing to start: %s", exc)

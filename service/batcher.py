@@ -167,7 +167,7 @@ class Batcher:
 
     # --- submitting ----------------------------------------------------------------------
 
-    def admit(self, count: int, timeout_s: float) -> None:
+    def admit(self, count: int, timeout_s: float, *, waiting_s: float = 0.0) -> None:
         """Raise the answer `count` more images would get: 503 when not serving; 429 when the queue
         is full, when queued work already waits longer than the target queue delay, or when they
         could not be done within their deadline. Called with 1 before a body is read, so shedding load
@@ -176,7 +176,8 @@ class Batcher:
         The target is a delay, not an image count (as in CoDel): the queue may hold what the model gets
         through in `max_queue_delay_s` at its measured busy throughput, so latency stays bounded under
         overload whatever the model's speed, and the model still runs full batches. A request's own
-        images are service time, not queueing: a large request into an empty queue is admitted."""
+        images are service time, not queueing: a large request into an empty queue is admitted.
+        `waiting_s` is wait that new requests see before the queue (the event loop's lag)."""
         if self._stopping or self._task is None or self._task.done():
             self._report_rejected("unavailable")
             raise ServiceUnavailable(
@@ -188,11 +189,11 @@ class Batcher:
                 f"server busy: {self._queued_images} images queued (limit {self.queue_limit}); retry later",
                 headers={"Retry-After": str(self._retry_after_s())},
             )
-        delay_s = self.queue_delay_s()
+        delay_s = self.queue_delay_s() + waiting_s
         if delay_s > self.max_queue_delay_s:
             self._report_rejected("queue_delay")
             raise Overloaded(
-                f"server busy: the queued work takes {delay_s * 1000:.0f} ms (target {self.max_queue_delay_s * 1000:.0f} ms); "
+                f"server busy: requests wait {delay_s * 1000:.0f} ms (target {self.max_queue_delay_s * 1000:.0f} ms); "
                 "retry later",
                 headers={"Retry-After": str(self._retry_after_s())},
             )

@@ -14,7 +14,8 @@ from __future__ import annotations
 import enum
 import multiprocessing
 import time
-from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
+from ctypes import Array
+from multiprocessing.sharedctypes import Synchronized
 
 # A ready worker that has not published for this long is hung (its event loop is blocked).
 STALE_AFTER_S = 15.0
@@ -37,11 +38,13 @@ class WorkerBoard:
             raise ValueError("a board needs at least one worker")
         ctx = context or multiprocessing.get_context("spawn")
         self.size = workers
-        self._state: SynchronizedArray[int] = ctx.Array("i", workers)
-        self._version: SynchronizedArray[int] = ctx.Array("i", workers)
-        self._beat: SynchronizedArray[float] = ctx.Array("d", workers)
-        self._reloads: Synchronized[int] = ctx.Value("i", 0)
-        self._shutting_down: Synchronized[int] = ctx.Value("i", 0)
+        # Each slot has one writer, and a torn read of a slot is harmless, so no locks there: a
+        # worker killed while holding a shared lock would freeze every other worker's probes.
+        self._state: Array = ctx.RawArray("i", workers)
+        self._version: Array = ctx.RawArray("i", workers)
+        self._beat: Array = ctx.RawArray("d", workers)
+        self._shutting_down: Array = ctx.RawArray("i", 1)  # written by the supervisor only
+        self._reloads: Synchronized[int] = ctx.Value("i", 0)  # many writers: locked
         for index in range(workers):
             self.reset(index)
 
@@ -91,10 +94,10 @@ class WorkerBoard:
     @property
     def shutting_down(self) -> bool:
         """The supervisor has been told to stop: every worker's readiness is off from this moment."""
-        return bool(self._shutting_down.value)
+        return bool(self._shutting_down[0])
 
     def shut_down(self) -> None:
-        self._shutting_down.value = 1
+        self._shutting_down[0] = 1
 
     # --- reloads ------------------------------------------------------------------------------
 

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="worker processes, each with its own model and batcher; 0: one per CPU the service may use",
+        description="worker processes, each with its own model and batcher; "
+        "0: one per CPU the service may use (1 on a GPU)",
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads per worker; unset: the CPUs shared among the workers"
@@ -107,12 +108,19 @@ class Settings(BaseSettings):
 
     def for_workers(self, cpus: int | None = None) -> Settings:
         """These settings with the worker count and each worker's torch threads decided: one
-        worker per CPU unless set, and the CPUs shared among the workers."""
+        worker per CPU (one on a GPU) unless set, and the CPUs shared among the workers."""
         if cpus is None:
             from service.workers import available_cpus
 
             cpus = available_cpus()
-        workers = self.workers or cpus
+        # On a GPU one worker's batcher fills the device's batches; more would split them and
+        # each hold a CUDA context.
+        on_gpu = self.device == "cuda"
+        if self.device == "auto":
+            import torch
+
+            on_gpu = torch.cuda.is_available()
+        workers = self.workers or (1 if on_gpu else cpus)
         threads = self.cpu_threads or max(1, cpus // workers)
         return self.model_copy(update={"workers": workers, "cpu_threads": threads})
 

@@ -100,6 +100,23 @@ class BodyLimitMiddleware:
         await error_response(413, "payload_too_large", message, headers={"Connection": "close"})(scope, receive, send)
 
 
+# The demo page may run only its own scripts and styles and talk only to this origin.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+_PAGE_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-frame-options", b"DENY"),
+]
+# FastAPI's own documentation pages load Swagger UI / ReDoc assets and an inline script.
+_DOC_PATHS = ("/docs", "/redoc")
+
+
 # The prediction routes' templates, for requests answered before routing.
 _PREDICTION_ROUTES = (
     (re.compile(r"^/v1/predict$"), "/v1/predict"),
@@ -119,55 +136,71 @@ def _seconds(raw: bytes) -> float | None:
 
 class SheddingMiddleware:
     """Refuse prediction requests that the queue would refuse anyway (429, or 503 when not serving)
-    before anything else runs: no routing, no dependencies, no body. Under overload most requests
-    take this path, so it must cost far less than an answer, or refusing would crowd out serving.
-    Admitted requests are checked again, with their real image count, when they are queued."""
+    before anything else runs: no routing, no dependencies, no body, no access-log line. Under
+    overload most requests take this path, so it must cost far less than an answer, or refusing
+    would crowd out serving. A refusal still carries its request ID and the security headers, and
+    is counted in the request metrics (the rejection counter says why). Admitted requests are
+    checked again, with their real image count, when they are queued."""
 
-    def __init__(self, app: ASGIApp, pipeline: Pipeline) -> None:
+    def __init__(self, app: ASGIApp, pipeline: Pipeline, metrics: Metrics) -> None:
         self.app = app
         self.pipeline = pipeline
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             template = next((t for pattern, t in _PREDICTION_ROUTES if pattern.match(path)), None)
             if template is not None:
+                started = time.perf_counter()
                 raw = next((value for name, value in scope["headers"] if name == b"x-request-timeout"), None)
                 try:
                     # An unreadable deadline header is left to the route, which answers 400 naming it.
                     self.pipeline.admit(None if raw is None else _seconds(raw))
                 except ServiceError as exc:
-                    scope["route_template"] = template
-                    await self._refuse(exc, protocol=path.startswith("/v2/"), send=send)
+                    await self._refuse(exc, scope, protocol=path.startswith("/v2/"), send=send)
+                    self.metrics.requests.labels(route=template, method="POST", status=str(exc.status_code)).inc()
+                    self.metrics.request_latency.labels(route=template).observe(time.perf_counter() - started)
                     return
         await self.app(scope, receive, send)
 
     @staticmethod
-    async def _refuse(exc: ServiceError, *, protocol: bool, send: Send) -> None:
+    async def _refuse(exc: ServiceError, scope: Scope, *, protocol: bool, send: Send) -> None:
         payload = {"error": exc.message} if protocol else {"error": exc.code, "message": exc.message}
         body = json.dumps(payload).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id(scope)),
+            *_SECURITY_HEADERS,
+            *_PAGE_HEADERS,
+        ]
         headers += [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
         await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def request_id(scope: Scope) -> bytes:
+    """The client's `X-Request-ID` when it is sane (safe to echo and to log), else a new one."""
+    given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+    return given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex.encode()
 
 
 class ObservingMiddleware:
     """Give every request an ID (the client's `X-Request-ID` when it is sane, else a new one) and echo
     it; count and time requests by route template and status; write one access-log line each."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, worker: int = 1) -> None:
         self.app = app
         self.metrics = metrics
+        self.worker = worker  # which worker process answered, for the access log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        request_id = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
-        if not _VALID_REQUEST_ID.match(request_id):
-            request_id = uuid.uuid4().hex.encode()
+        rid = request_id(scope)
         observed = path not in UNOBSERVED_PATHS
         status = 500
         started = time.perf_counter()
@@ -176,7 +209,7 @@ class ObservingMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
             await send(message)
 
         if not observed:
@@ -190,39 +223,23 @@ class ObservingMiddleware:
             metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             route = scope.get("route")
-            template = getattr(route, "path", None) or scope.get("route_template") or "unmatched"
+            template = getattr(route, "path", None) or "unmatched"
             metrics.requests.labels(route=template, method=scope["method"], status=str(status)).inc()
             metrics.request_latency.labels(route=template).observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client") or ("-", 0)
                 query = scope.get("query_string", b"")
                 access_log.info(
-                    '%s "%s %s%s" %d %.1fms request_id=%s',
+                    '%s "%s %s%s" %d %.1fms request_id=%s worker=%d',
                     client[0],
                     scope["method"],
                     path,
                     "?" + query.decode("latin-1") if query else "",
                     status,
                     1000 * elapsed,
-                    request_id.decode(),
+                    rid.decode(),
+                    self.worker,
                 )
-
-
-# The demo page may run only its own scripts and styles and talk only to this origin.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-_SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-]
-_PAGE_HEADERS = [
-    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
-    (b"x-frame-options", b"DENY"),
-]
-# FastAPI's own documentation pages load Swagger UI / ReDoc assets and an inline script.
-_DOC_PATHS = ("/docs", "/redoc")
 
 
 class SecurityHeadersMiddleware:

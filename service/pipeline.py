@@ -23,6 +23,7 @@ import torch
 
 from service.batcher import Batcher
 from service.errors import ServiceUnavailable
+from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.predictor import Predictor
 from service.preprocessing import NoDigit, Prepared
@@ -79,6 +80,7 @@ class Pipeline:
         # memory that many large uploads at once could take.
         self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
         self._decoding = 0  # requests between a read body and their submission to the batcher
+        self.loop_lag = LoopLag()  # measured by a task the app's lifespan runs
 
     @property
     def on_the_way(self) -> int:
@@ -91,8 +93,9 @@ class Pipeline:
         return self._request_timeout_s if timeout_s is None else min(timeout_s, self._request_timeout_s)
 
     def admit(self, timeout_s: float | None = None) -> None:
-        """Refuse now, before a body is read, what the batcher would refuse anyway (503, 429)."""
-        self._batcher.admit(1, self.deadline(timeout_s))
+        """Refuse now, before a body is read, what the batcher would refuse anyway (503, 429). The
+        wait counted includes the event loop's lag: under CPU overload requests wait there first."""
+        self._batcher.admit(1, self.deadline(timeout_s), waiting_s=self.loop_lag.seconds)
 
     async def run(self, model: Predictor, decode: Callable[[], D], *, offload: bool) -> tuple[D, Outcome]:
         """Decode (on a worker thread when `offload`), preprocess, predict with `model`, calibrate."""

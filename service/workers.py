@@ -6,16 +6,22 @@ the machine has. So the service runs several processes (by default one per CPU i
 each with its own model, batcher and event loop, all accepting on one socket that this
 supervisor binds. The supervisor itself serves nothing:
 
-- it starts the workers (spawned, not forked: torch's thread pools do not survive a fork);
-- it passes SIGTERM and SIGINT on, and each worker drains on its own (`server.GracefulServer`);
-- it restarts a worker that dies after having served, and gives up (exit 3) if one dies while
-  starting, since the next would fail the same way (a bad artifact, say);
+- it starts the workers (spawned, not forked: torch's thread pools do not survive a fork), each
+  in a process group of its own, so a terminal's Ctrl-C reaches the supervisor only, and each
+  set to get SIGTERM should the supervisor itself die;
+- on SIGTERM or SIGINT it sends the workers SIGTERM, and each drains on its own
+  (`server.GracefulServer`; a second signal skips the shutdown delay, as with one process);
+- it replaces a worker that dies or reports failure after having served, starting the new one
+  on the version the others serve, and gives up (exit 3) if a worker of the first start cannot
+  start, since the next would fail the same way (a bad artifact, say);
 - it gives the workers a `WorkerBoard` (probes and reloads for all) and a directory where
   prometheus_client keeps every worker's metrics, and removes that directory at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -52,17 +58,36 @@ def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return max(1, cpus)
 
 
-def _worker_main(settings: Settings, index: int, board: WorkerBoard, sockets: list[socket.socket]) -> None:
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the supervisor dies (PR_SET_PDEATHSIG), so no worker outlives it
+    holding the port."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _worker_main(
+    settings: Settings, index: int, board: WorkerBoard, sockets: list[socket.socket], start_version: int | None
+) -> None:
     """One worker process: a whole app on the shared socket."""
+    os.setpgrp()  # Ctrl-C in a terminal goes to the supervisor, which asks each worker once
+    _die_with_parent()
+    if board.shutting_down or os.getppid() == 1:  # told to stop (or orphaned) before it could start
+        raise SystemExit(0)
     from service.app import create_app
     from service.logging_setup import configure_logging
     from service.server import build_server
 
     configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings, board=board, worker_index=index)
+    app = create_app(settings, board=board, worker_index=index, start_version=start_version)
     server = build_server(app, settings)
     server.run(sockets=sockets)
     raise SystemExit(0 if server.started else 3)
+
+
+def _bind(settings: Settings) -> socket.socket:
+    """The listening socket every worker accepts on (uvicorn's own binding, without its logging set-up)."""
+    config = uvicorn.Config("service.app:create_app", host=settings.host, port=settings.port, log_config=None)
+    return config.bind_socket()
 
 
 class Supervisor:
@@ -78,38 +103,48 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until signalled; the exit code: 0, or 3 when a worker could not start."""
-        metrics_dir = tempfile.mkdtemp(prefix="digit-metrics-")
-        os.environ[MULTIPROCESS_ENV] = metrics_dir  # the workers inherit it
-        config = uvicorn.Config("service.app:create_app", host=self.settings.host, port=self.settings.port)
-        self._socket = config.bind_socket()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        log.info("starting %d workers on %s:%d", self.workers, self.settings.host, self.settings.port)
+        metrics_dir = tempfile.mkdtemp(prefix="digit-metrics-")
+        os.environ[MULTIPROCESS_ENV] = metrics_dir  # the workers inherit it
         try:
+            self._socket = _bind(self.settings)
+            log.info("starting %d workers on %s:%d", self.workers, self.settings.host, self.settings.port)
             for index in range(self.workers):
                 self._start(index)
             return self._supervise()
         finally:
-            self._socket.close()
+            if self._socket is not None:
+                self._socket.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _on_signal(self, sig: int, frame: object) -> None:
         # At once, not at the next turn of the loop: readiness must turn 503 before any worker
-        # answers another probe.
+        # answers another probe. Workers always get SIGTERM: a second SIGINT would make uvicorn
+        # drop what is in flight.
         self.board.shut_down()
-        self._signal_all(sig)
+        self._signal_all(signal.SIGTERM)
         self._signals.append(sig)
 
-    def _start(self, index: int) -> None:
+    def _start(self, index: int, start_version: int | None = None) -> None:
+        if self.board.shutting_down:
+            return
         self.board.reset(index)
         process = self._context.Process(
             target=_worker_main,
-            args=(self.settings, index, self.board, [self._socket]),
+            args=(self.settings, index, self.board, [self._socket], start_version),
             name=f"digit-worker-{index + 1}",
         )
         process.start()
         self._processes[index] = process
         self._served[index] = False
+        if self.board.shutting_down:  # a signal came while it was starting: it must hear it too
+            self._signal_all(signal.SIGTERM)
+
+    def _serving_version(self) -> int | None:
+        """The version the ready workers serve (the newest, should they differ), if any is ready."""
+        versions = [self.board.version(i) for i in range(self.workers) if self.board.state(i) is WorkerState.READY]
+        return max(versions) if versions else None
 
     def _supervise(self) -> int:
         exit_code = 0
@@ -132,15 +167,21 @@ class Supervisor:
                         process.kill()
                     break
             for index, process in enumerate(self._processes):
-                if process is not None and self.board.state(index) is WorkerState.READY:
+                state = self.board.state(index)
+                if process is not None and state is WorkerState.READY:
                     self._served[index] = True
+                failed = process is not None and state is WorkerState.FAILED and self._served[index]
+                if failed and stopping_since is None and process.is_alive():
+                    log.error("worker %d reports failure (see its log); replacing it", index + 1)
+                    process.kill()
+                    process.join(timeout=5)
                 if process is None or process.is_alive():
                     continue
                 self._processes[index] = None
                 self._mark_dead(process)
                 if stopping_since is not None:
                     continue
-                if not self._served[index]:
+                if not self._served[index] and not any(self._served):
                     log.error(
                         "worker %d exited while starting (exit code %s); stopping the service",
                         index + 1,
@@ -152,12 +193,13 @@ class Supervisor:
                     self._signal_all(signal.SIGTERM)
                     continue
                 log.warning("worker %d died (exit code %s); starting a new one", index + 1, process.exitcode)
+                self._served[index] = True  # a replacement that fails to start is retried, not fatal
                 self.board.reset(index)
                 restarts[index] = time.monotonic() + RESTART_BACKOFF_S
             for index, when in list(restarts.items()):
                 if stopping_since is None and time.monotonic() >= when:
                     del restarts[index]
-                    self._start(index)
+                    self._start(index, start_version=self._serving_version())
             sentinels = [p.sentinel for p in self._processes if p is not None]
             wait(sentinels, timeout=0.25) if sentinels else time.sleep(0.25)
         for process in self._processes:
@@ -168,9 +210,12 @@ class Supervisor:
         return exit_code
 
     def _signal_all(self, sig: int) -> None:
+        # Also called from the signal handler: no waitpid here (is_alive would reap children
+        # behind the main loop's back); a worker that has just exited is simply not found.
         for process in self._processes:
-            if process is not None and process.is_alive() and process.pid is not None:
-                os.kill(process.pid, sig)
+            if process is not None and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, sig)
 
     @staticmethod
     def _mark_dead(process: BaseProcess) -> None:

@@ -66,6 +66,8 @@ def convert_precision(
     if source.smoke:
         raise ArtifactError(f"{source_dir} is a --dry-run smoke test; convert a trained model")
     converted = in_precision(model, precision)
+    if max_extra_val_errors < 0:
+        raise ArtifactError("max_extra_val_errors must be 0 or more")
     config = source.training.get("config", {})
     if "seed" not in config or "val_size" not in config:
         raise ArtifactError(f"{source_dir}: its metadata does not say which validation split it was chosen on")
@@ -76,6 +78,12 @@ def convert_precision(
         reference = predict_logits(model, val_x)
         val_logits = predict_logits(converted, val_x)
     reference_errors, errors = _errors(reference, val_y), _errors(val_logits, val_y)
+    recorded = round((1.0 - source.evaluation.val_accuracy) * len(val_y))
+    if reference_errors != recorded:
+        raise ArtifactError(
+            f"{source_dir}: the rebuilt validation split gives {reference_errors} errors in float32, but the "
+            f"metadata records {recorded}: not the split it was chosen on, so it cannot judge the conversion"
+        )
     log.info(
         "validation errors: %d in float32, %d in %s (of %d images)", reference_errors, errors, precision, len(val_y)
     )

@@ -27,8 +27,7 @@ class ReloadResult(BaseModel):
     serving_version: int
     workers: int = Field(description="worker processes of the service")
     workers_switched: int = Field(
-        description="workers serving serving_version when this answer was sent; "
-        "fewer than workers only if some could not switch within the request timeout"
+        description="workers serving serving_version when this answer was sent (all of them: otherwise 409)"
     )
 
 
@@ -39,7 +38,11 @@ class ReloadResult(BaseModel):
     responses={
         401: {"model": ErrorBody, "description": "admin token missing or invalid"},
         403: {"model": ErrorBody, "description": "admin routes are disabled (no admin tokens configured)"},
-        409: {"model": ErrorBody, "description": "the new version failed its checks; the old one keeps serving"},
+        409: {
+            "model": ErrorBody,
+            "description": "the new version failed its checks (the old one keeps serving), "
+            "or not every worker switched within the request timeout",
+        },
     },
 )
 async def reload_model(request: Request) -> ReloadResult:
@@ -56,6 +59,12 @@ async def reload_model(request: Request) -> ReloadResult:
     board: WorkerBoard = request.app.state.board
     board.request_reload()  # the other workers look too, even if this one had already switched
     switched = await _switched(board, outcome.serving_version, request.app.state.settings.request_timeout_s)
+    if switched < board.size:
+        others = sorted({v for v in board.versions() if v != outcome.serving_version})
+        raise ReloadConflict(
+            f"only {switched} of {board.size} workers serve version {outcome.serving_version}; "
+            f"the others still serve version {', '.join(map(str, others)) or '(none yet)'} (see their log)"
+        )
     return ReloadResult(
         status=outcome.status,
         previous_version=outcome.previous_version,

@@ -365,7 +365,7 @@ async def test_admission_is_by_queue_delay_not_image_count() -> None:
     queued = asyncio.create_task(batcher.submit(images(0.3, 0.3), model, 5))  # 2 images: >= 100 ms of work
     await asyncio.sleep(0.01)
     assert batcher.queue_delay_s() > 0.05
-    with pytest.raises(Overloaded, match=r"the queued work takes \d+ ms \(target 50 ms\)") as excinfo:
+    with pytest.raises(Overloaded, match=r"requests wait \d+ ms \(target 50 ms\)") as excinfo:
         await batcher.submit(images(0.4), model, 5)  # far from the queue limit, but it would wait too long
     assert not model.gate.is_set()  # refused at once, while nothing could move
     assert int(excinfo.value.headers["Retry-After"]) >= 1

@@ -16,6 +16,7 @@ import pytest
 from scripts.bench import Server
 from scripts.overload import Phase, digit_requests, run_phase
 from service.config import Settings
+from service.loop_lag import LoopLag
 from tests.helpers import Gate, MeanIntensityNet
 from tests.service.conftest import build_client
 
@@ -78,6 +79,8 @@ def test_a_refused_request_is_answered_before_routing_auth_or_its_body() -> None
     # A 0.01 ms target: one queued image is already more work than that at any speed.
     settings = Settings(max_batch_size=1, max_batch_wait_ms=0, max_queue_delay_ms=0.01, api_tokens=["token"])
     with build_client(settings, model=gate) as client:
+        # This test is about the queue: at a 0.01 ms target any event-loop lag would refuse too.
+        client.app.state.pipeline.loop_lag = LoopLag()  # never run: no lag
         auth = {"Authorization": "Bearer token"}
         assert client.post("/v1/predict", json={"pixels": [0.5] * 784}, headers=auth).status_code == 200  # a rate
         gate.opened.clear()
@@ -112,3 +115,35 @@ def test_a_refused_request_is_answered_before_routing_auth_or_its_body() -> None
     assert answers == [200, 200]  # the admitted ones were served
     assert 'digit_rejected_requests_total{reason="queue_delay"} 2.0' in metrics
     assert 'digit_http_requests_total{method="POST",route="/v1/predict",status="429"} 1.0' in metrics
+
+
+def test_a_lagging_event_loop_counts_as_wait_and_refusals_keep_their_headers() -> None:
+    """Under CPU overload requests wait in socket buffers and the event loop's queue before the batcher
+    sees them: admission adds the loop's lag to the queued work, so an idle queue still sheds then."""
+    settings = Settings(max_batch_size=4, max_queue_delay_ms=50)
+    with build_client(settings, model=MeanIntensityNet()) as client:
+        pipeline = client.app.state.pipeline
+        assert client.post("/v1/predict", json={"pixels": [0.5] * 784}).status_code == 200
+        pipeline.loop_lag.observe(10.0)  # as if the loop ran 10 s late: far over the 50 ms target
+        refused = client.post("/v1/predict", json={"pixels": [0.5] * 784}, headers={"X-Request-ID": "mine-1"})
+        assert refused.status_code == 429
+        assert "requests wait" in refused.json()["message"]
+        assert refused.headers["X-Request-ID"] == "mine-1"
+        assert refused.headers["X-Content-Type-Options"] == "nosniff"
+        assert "Content-Security-Policy" in refused.headers
+        pipeline.loop_lag.seconds = 0.0  # caught up
+        assert client.post("/v1/predict", json={"pixels": [0.5] * 784}).status_code == 200
+        metrics = client.get("/metrics").text
+    assert 'digit_http_requests_total{method="POST",route="/v1/predict",status="429"} 1.0' in metrics
+    assert 'digit_http_requests_total{method="POST",route="/v1/predict",status="200"} 2.0' in metrics
+
+
+async def test_loop_lag_measures_how_late_the_event_loop_runs() -> None:
+    lag = LoopLag(interval_s=0.005)
+    task = asyncio.create_task(lag.run())
+    await asyncio.sleep(0.05)
+    assert lag.seconds < 0.05  # an idle loop is on time (generous: the machine may be busy)
+    time.sleep(0.3)  # a blocked loop: every callback waits, as requests do under CPU overload
+    await asyncio.sleep(0.001)  # the late timer fires once; the next is not due yet
+    assert lag.seconds > 0.1
+    task.cancel()

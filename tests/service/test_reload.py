@@ -5,6 +5,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,8 +23,10 @@ from model_artifact import (
     write_artifact,
 )
 from model_artifact.torchscript import Autocast
+from service import reload as reload_module
 from service.app import create_app
 from service.config import Settings
+from service.reload import Reloader
 from tests.helpers import MarkedNet, MeanIntensityNet, probe_image, version_of
 from tests.service.images import png
 
@@ -295,3 +298,39 @@ def test_the_model_route_names_the_precision_the_artifact_computes_in(tmp_path: 
     pinned = Settings(artifact_dir=tmp_path, model_version=1)
     with TestClient(create_app(pinned, metrics_registry=CollectorRegistry())) as client:
         assert client.get("/v1/model").json()["precision"] == "float32"
+
+
+def test_a_bfloat16_version_is_passed_over_where_the_hardware_only_emulates_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bfloat16 is several times slower than float32 on CPUs without AMX: there the service serves the
+    newest version it runs natively, and says which (never the bfloat16 file in other numerics)."""
+    publish(tmp_path, copy_default_model)  # v1, float32
+    publish(tmp_path, copy_default_model, precision="bfloat16")  # v2
+    monkeypatch.setattr(reload_module, "runs_natively", lambda precision, device: precision == "float32")
+    with TestClient(create_app(Settings(artifact_dir=tmp_path), metrics_registry=CollectorRegistry())) as client:
+        info = client.get("/v1/model").json()
+        assert (info["version"], info["precision"]) == (1, "float32")
+        assert client.post("/v1/predict", json=PIXELS).headers["X-Model-Version"] == "1"
+    pinned = Settings(artifact_dir=tmp_path, model_version=2)  # asked for by number: served as asked
+    with TestClient(create_app(pinned, metrics_registry=CollectorRegistry())) as client:
+        assert client.get("/v1/model").json()["precision"] == "bfloat16"
+    monkeypatch.setattr(reload_module, "runs_natively", lambda precision, device: True)  # an AMX CPU
+    with TestClient(create_app(Settings(artifact_dir=tmp_path), metrics_registry=CollectorRegistry())) as client:
+        assert client.get("/v1/model").json()["version"] == 2
+
+
+async def test_a_transient_failure_is_retried_but_a_bad_version_is_remembered(artifacts: Path) -> None:
+    publish(artifacts, copy_default_model)  # v2
+    current = SimpleNamespace(version=1)
+    attempts: list[str] = []
+
+    def flaky(version_dir: Path):
+        attempts.append(version_dir.name)
+        raise MemoryError("out of memory while loading") if len(attempts) == 1 else ArtifactError("bad digits")
+
+    reloader = Reloader(Settings(artifact_dir=artifacts), lambda: current, lambda model: None, prepare=flaky)
+    for _ in range(3):
+        with pytest.raises(ArtifactError, match="refused"):
+            await reloader.reload()
+    assert attempts == ["2", "2"]  # the memory error was not held against the version; the bad digits were

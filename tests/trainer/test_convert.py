@@ -72,5 +72,18 @@ def test_only_a_trained_float32_version_is_converted(tmp_path: Path) -> None:
         (source / "model.pt").write_bytes((V1 / "model.pt").read_bytes())
         metadata = json.loads((V1 / "metadata.json").read_text()) | change
         (source / "metadata.json").write_text(json.dumps(metadata))
-        with pytest.raises(ArtifactError, match=r"already bfloat16|smoke test"):
+        expected = "already bfloat16" if "precision" in change else "smoke test"
+        with pytest.raises(ArtifactError, match=expected):
             convert_precision(source, "bfloat16", tmp_path / "out", load_mnist(), "test")
+
+
+def test_convert_refuses_when_the_rebuilt_validation_split_is_not_the_one_recorded(tmp_path: Path) -> None:
+    source = tmp_path / "src" / "mnist-cnn" / "1"
+    source.mkdir(parents=True)
+    (source / "model.pt").write_bytes((V1 / "model.pt").read_bytes())
+    metadata = json.loads((V1 / "metadata.json").read_text())
+    metadata["training"]["config"]["seed"] = 7  # another split: the verdict would mean nothing
+    (source / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ArtifactError, match="not the split it was chosen on"):
+        convert_precision(source, "bfloat16", tmp_path / "out", load_mnist(), "test")
+    assert list_versions(tmp_path / "out", "mnist-cnn") == []
