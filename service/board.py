@@ -15,7 +15,6 @@ import enum
 import multiprocessing
 import time
 from ctypes import Array
-from multiprocessing.sharedctypes import Synchronized
 
 # A ready worker that has not published for this long is hung (its event loop is blocked).
 STALE_AFTER_S = 15.0
@@ -44,16 +43,17 @@ class WorkerBoard:
         self._version: Array = ctx.RawArray("i", workers)
         self._beat: Array = ctx.RawArray("d", workers)
         self._shutting_down: Array = ctx.RawArray("i", 1)  # written by the supervisor only
-        self._reloads: Synchronized[int] = ctx.Value("i", 0)  # many writers: locked
+        # Many writers, but a lost increment is harmless (any change means "look now"): no lock either.
+        self._reloads: Array = ctx.RawArray("i", 1)
         for index in range(workers):
             self.reset(index)
 
     # --- a worker's own slot -----------------------------------------------------------------
 
     def publish(self, index: int, state: WorkerState, version: int) -> None:
-        self._state[index] = state
-        self._version[index] = version
+        self._version[index] = version  # before the state: READY is never seen with a stale version
         self._beat[index] = time.monotonic()  # CLOCK_MONOTONIC is one clock for the whole machine
+        self._state[index] = state
 
     def reset(self, index: int) -> None:
         """A (re)spawned worker starts afresh; the supervisor calls this before starting it."""
@@ -103,9 +103,8 @@ class WorkerBoard:
 
     @property
     def reload_requests(self) -> int:
-        return self._reloads.value
+        return self._reloads[0]
 
     def request_reload(self) -> None:
         """Ask every worker to look for a new model version now."""
-        with self._reloads.get_lock():
-            self._reloads.value += 1
+        self._reloads[0] += 1

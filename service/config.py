@@ -116,10 +116,9 @@ class Settings(BaseSettings):
         # On a GPU one worker's batcher fills the device's batches; more would split them and
         # each hold a CUDA context.
         on_gpu = self.device == "cuda"
-        if self.device == "auto":
-            import torch
-
-            on_gpu = torch.cuda.is_available()
+        if self.device == "auto":  # the NVIDIA driver's GPU list: importing torch here would cost the supervisor 200 MB
+            gpus = Path("/proc/driver/nvidia/gpus")
+            on_gpu = gpus.is_dir() and any(gpus.iterdir())
         workers = self.workers or (1 if on_gpu else cpus)
         threads = self.cpu_threads or max(1, cpus // workers)
         return self.model_copy(update={"workers": workers, "cpu_threads": threads})

@@ -89,7 +89,7 @@ def runs_natively(precision: str, device: torch.device) -> bool:
         return True
     if precision == "bfloat16":
         if device.type == "cuda":
-            return torch.cuda.is_bf16_supported()
+            return torch.cuda.is_bf16_supported(including_emulation=False)
         return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     return False
 
@@ -106,7 +106,10 @@ def choose_version(settings: Settings, pinned: int | None = None) -> Path:
     newest = resolve_version_dir(settings.artifact_dir, settings.model_name)
     for version in reversed(list_versions(settings.artifact_dir, settings.model_name)):
         version_dir = newest.parent / str(version)
-        precision = read_metadata(version_dir).precision
+        try:
+            precision = read_metadata(version_dir).precision
+        except ArtifactError:
+            return version_dir  # vetting refuses it, says why, and remembers it
         if runs_natively(precision, device):
             return version_dir
         if version_dir not in _PASSED_OVER:  # once: the watcher asks again every interval
@@ -187,9 +190,9 @@ class Reloader:
                 candidate = await asyncio.to_thread(self._prepare, version_dir)
             except Exception as exc:  # noqa: BLE001 - any failure refuses the candidate
                 reason = f"version {version} refused: {exc}; still serving version {current.version}"
-                if isinstance(exc, ArtifactError):
-                    # The version itself is wrong (checksum, spec, known digits): remember it. Anything
-                    # else (memory, I/O) may pass, so the next look tries again.
+                if isinstance(exc, ArtifactError) or not isinstance(exc, MemoryError | OSError):
+                    # The version itself is wrong (checksum, spec, known digits, a model that fails):
+                    # remember it. Running out of memory or an I/O error may pass: look again next time.
                     self._refused[key] = reason
                 self._on_outcome("refused")
                 log.error("%s", reason)

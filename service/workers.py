@@ -42,7 +42,9 @@ from service.metrics import MULTIPROCESS_ENV
 
 log = logging.getLogger(__name__)
 
-RESTART_BACKOFF_S = 1.0  # between restarts of a worker that keeps dying
+RESTART_BACKOFF_S = 1.0  # before a replacement; doubled for each start in a row that failed
+MAX_BACKOFF_S = 30.0
+MAX_FAILED_STARTS = 5  # then the service stops (exit 3) and the orchestrator decides
 
 
 def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -66,12 +68,19 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(
-    settings: Settings, index: int, board: WorkerBoard, sockets: list[socket.socket], start_version: int | None
+    settings: Settings,
+    index: int,
+    board: WorkerBoard,
+    sockets: list[socket.socket],
+    start_version: int | None,
+    supervisor: int,
 ) -> None:
     """One worker process: a whole app on the shared socket."""
-    os.setpgrp()  # Ctrl-C in a terminal goes to the supervisor, which asks each worker once
+    os.setpgrp()  # Ctrl-C in a terminal goes to the supervisor, which passes it on as SIGTERM
     _die_with_parent()
-    if board.shutting_down or os.getppid() == 1:  # told to stop (or orphaned) before it could start
+    # Told to stop, or orphaned before the death signal was armed (in a container the supervisor
+    # is PID 1, so compare with its PID, not with 1).
+    if board.shutting_down or os.getppid() != supervisor:
         raise SystemExit(0)
     from service.app import create_app
     from service.logging_setup import configure_logging
@@ -98,6 +107,9 @@ class Supervisor:
         self.board = WorkerBoard(workers, self._context)
         self._processes: list[BaseProcess | None] = [None] * workers
         self._served = [False] * workers  # has the worker in this slot ever been ready?
+        self._has_served = False  # has any worker ever been ready?
+        self._failed_starts = [0] * workers  # consecutive starts of a slot that never got ready
+        self._last_version: int | None = None
         self._signals: list[int] = []
         self._socket: socket.socket | None = None
 
@@ -132,19 +144,27 @@ class Supervisor:
         self.board.reset(index)
         process = self._context.Process(
             target=_worker_main,
-            args=(self.settings, index, self.board, [self._socket], start_version),
+            args=(self.settings, index, self.board, [self._socket], start_version, os.getpid()),
             name=f"digit-worker-{index + 1}",
         )
         process.start()
         self._processes[index] = process
         self._served[index] = False
-        if self.board.shutting_down:  # a signal came while it was starting: it must hear it too
-            self._signal_all(signal.SIGTERM)
+        if self.board.shutting_down and process.pid is not None:  # a signal came while it was starting
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)  # it alone: a second one would skip the others' delay
 
     def _serving_version(self) -> int | None:
-        """The version the ready workers serve (the newest, should they differ), if any is ready."""
-        versions = [self.board.version(i) for i in range(self.workers) if self.board.state(i) is WorkerState.READY]
-        return max(versions) if versions else None
+        """The version the ready workers serve (the newest, should they differ); when none is ready,
+        the last one seen served."""
+        versions = [
+            v
+            for i in range(self.workers)
+            if self.board.state(i) is WorkerState.READY and (v := self.board.version(i)) > 0
+        ]
+        if versions:
+            self._last_version = max(versions)
+        return self._last_version
 
     def _supervise(self) -> int:
         exit_code = 0
@@ -169,7 +189,9 @@ class Supervisor:
             for index, process in enumerate(self._processes):
                 state = self.board.state(index)
                 if process is not None and state is WorkerState.READY:
-                    self._served[index] = True
+                    self._served[index] = self._has_served = True
+                    self._failed_starts[index] = 0
+                    self._serving_version()
                 failed = process is not None and state is WorkerState.FAILED and self._served[index]
                 if failed and stopping_since is None and process.is_alive():
                     log.error("worker %d reports failure (see its log); replacing it", index + 1)
@@ -181,21 +203,29 @@ class Supervisor:
                 self._mark_dead(process)
                 if stopping_since is not None:
                     continue
-                if not self._served[index] and not any(self._served):
+                if not self._served[index]:
+                    self._failed_starts[index] += 1
+                if not self._has_served or self._failed_starts[index] >= MAX_FAILED_STARTS:
                     log.error(
-                        "worker %d exited while starting (exit code %s); stopping the service",
+                        "worker %d exited while starting (exit code %s, %d time(s) in a row); stopping the service",
                         index + 1,
                         process.exitcode,
+                        self._failed_starts[index],
                     )
                     exit_code = 3
                     stopping_since = time.monotonic()
                     self.board.shut_down()
                     self._signal_all(signal.SIGTERM)
                     continue
-                log.warning("worker %d died (exit code %s); starting a new one", index + 1, process.exitcode)
-                self._served[index] = True  # a replacement that fails to start is retried, not fatal
+                backoff_s = min(MAX_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self._failed_starts[index])
+                log.warning(
+                    "worker %d died (exit code %s); starting a new one in %.0f s",
+                    index + 1,
+                    process.exitcode,
+                    backoff_s,
+                )
                 self.board.reset(index)
-                restarts[index] = time.monotonic() + RESTART_BACKOFF_S
+                restarts[index] = time.monotonic() + backoff_s
             for index, when in list(restarts.items()):
                 if stopping_since is None and time.monotonic() >= when:
                     del restarts[index]

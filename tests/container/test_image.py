@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.container.engine import docker, inspect
+from model_artifact import list_versions
+from tests.container.engine import REPO, docker, inspect
 
 pytestmark = pytest.mark.container
 
@@ -34,4 +35,5 @@ def test_the_cpu_image_carries_the_package_data_and_the_default_model(cpu_image:
         "sorted(p.name for p in pathlib.Path('/app/artifacts/mnist-cnn').iterdir()))"
     )
     result = docker("run", "--rm", "--network", "none", cpu_image, "python", "-c", script)
-    assert result.stdout.strip().split(maxsplit=2) == ["True", "True", "['1']"], result.stdout
+    committed = sorted(str(version) for version in list_versions(REPO / "artifacts", "mnist-cnn"))
+    assert result.stdout.strip().split(maxsplit=2) == ["True", "True", str(committed)], result.stdout

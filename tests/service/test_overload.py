@@ -123,8 +123,9 @@ def test_a_lagging_event_loop_counts_as_wait_and_refusals_keep_their_headers() -
     settings = Settings(max_batch_size=4, max_queue_delay_ms=50)
     with build_client(settings, model=MeanIntensityNet()) as client:
         pipeline = client.app.state.pipeline
+        pipeline.loop_lag = LoopLag()  # not run: this test sets the lag itself
         assert client.post("/v1/predict", json={"pixels": [0.5] * 784}).status_code == 200
-        pipeline.loop_lag.observe(10.0)  # as if the loop ran 10 s late: far over the 50 ms target
+        pipeline.loop_lag.seconds = 10.0  # as if the loop ran 10 s late: far over the 50 ms target
         refused = client.post("/v1/predict", json={"pixels": [0.5] * 784}, headers={"X-Request-ID": "mine-1"})
         assert refused.status_code == 429
         assert "requests wait" in refused.json()["message"]

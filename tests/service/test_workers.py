@@ -196,8 +196,13 @@ def test_a_worker_that_cannot_start_stops_the_service_with_exit_code_3(tmp_path:
 def test_worker_count_and_threads_follow_the_cpus(
     workers: int, threads: int | None, cpus: int, expected: tuple[int, int]
 ) -> None:
-    settings = Settings(workers=workers, cpu_threads=threads).for_workers(cpus)
+    settings = Settings(workers=workers, cpu_threads=threads, device="cpu").for_workers(cpus)
     assert (settings.workers, settings.cpu_threads) == expected
+
+
+def test_one_worker_by_default_on_a_gpu() -> None:
+    assert Settings(device="cuda").for_workers(16).workers == 1
+    assert Settings(device="cuda", workers=3).for_workers(16).workers == 3
 
 
 def test_a_cgroup_cpu_limit_caps_the_cpus(tmp_path: Path) -> None:

@@ -46,4 +46,12 @@ def test_default_model_reproduces_its_claimed_accuracy_on_the_real_test_set(defa
     logits = predict_logits(model, images_to_tensor(mnist.test.images))
     scores = score(logits, torch.from_numpy(mnist.test.labels.astype(np.int64)))
     assert abs(scores.accuracy - metadata.evaluation.test_accuracy) <= ACCURACY_TOLERANCE
-    assert scores.confusion_matrix == metadata.evaluation.confusion_matrix
+    if metadata.precision == "float32":
+        assert scores.confusion_matrix == metadata.evaluation.confusion_matrix
+    else:  # bfloat16 kernels differ by instruction set: a borderline digit may flip on other hardware
+        changed = sum(
+            abs(a - b)
+            for row, claimed in zip(scores.confusion_matrix, metadata.evaluation.confusion_matrix, strict=True)
+            for a, b in zip(row, claimed, strict=True)
+        )
+        assert changed <= 4
