@@ -53,7 +53,7 @@ def running_service(env: dict[str, str] | None = None, args: list[str] | None = 
         service = LiveService(port, process)
         try:
             try:
-                _wait_until_ready(service)
+                wait_until_ready(service.base_url, process)
             except AssertionError:
                 process.kill()
                 process.wait(timeout=30)
@@ -68,14 +68,15 @@ def running_service(env: dict[str, str] | None = None, args: list[str] | None = 
             service.output = log.read()
 
 
-def _wait_until_ready(service: LiveService, timeout_s: float = 60) -> None:
+def wait_until_ready(base_url: str, process: subprocess.Popen | None = None, timeout_s: float = 60) -> None:
+    """Poll /readyz until it answers 200; AssertionError if `process` exits or time runs out first."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if httpx2.get(f"{service.base_url}/readyz", timeout=1).status_code == 200:
+            if httpx2.get(f"{base_url}/readyz", timeout=1).status_code == 200:
                 return
         except httpx2.TransportError:
             pass
-        if service.process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError("not ready")
+        if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+            raise AssertionError(f"{base_url} never became ready")
         time.sleep(0.2)

@@ -16,7 +16,7 @@ import pytest
 from service.config import Settings
 from service.workers import available_cpus
 from tests.helpers import probe_image
-from tests.service.live import REPO, free_port, running_service
+from tests.service.live import REPO, free_port, running_service, wait_until_ready
 from tests.service.test_reload import marked_model, publish
 
 TWO = {"DIGIT_WORKERS": "2", "DIGIT_LOG_LEVEL": "info"}
@@ -90,7 +90,7 @@ def test_a_killed_worker_is_replaced_and_readiness_waits_for_it() -> None:
             elif details:
                 break
             time.sleep(0.02)
-        _wait_ready(service.base_url)
+        wait_until_ready(service.base_url, service.process)
         now = _workers(service.process.pid)
         assert len(now) == 2 and first[0] not in now and first[1] in now
         response = httpx2.post(f"{service.base_url}/v1/predict", json={"pixels": probe_image().tolist()})
@@ -109,7 +109,7 @@ def test_a_replacement_worker_serves_the_version_its_siblings_serve(tmp_path: Pa
         publish(tmp_path, marked_model(2))  # published, not reloaded
         os.kill(_workers(service.process.pid)[0], signal.SIGKILL)
         time.sleep(0.5)
-        _wait_ready(service.base_url)
+        wait_until_ready(service.base_url, service.process)
         versions = Counter(
             httpx2.get(f"{service.base_url}/v1/model").json()["version"] for _ in range(30)
         )  # fresh connections: both workers answer
@@ -132,7 +132,7 @@ def test_ctrl_c_in_a_terminal_drains_the_workers_instead_of_killing_them() -> No
         start_new_session=True,  # its own process group, as a shell gives a foreground job
     )
     try:
-        _wait_ready(base)
+        wait_until_ready(base, process)
         workers = _workers(process.pid)
         assert all(os.getpgid(pid) != process.pid for pid in workers)
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
@@ -165,18 +165,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
-
-
-def _wait_ready(base: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx2.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx2.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the service never became ready"
-        time.sleep(0.2)
 
 
 def test_a_worker_that_cannot_start_stops_the_service_with_exit_code_3(tmp_path: Path) -> None:
