@@ -33,13 +33,7 @@ from service.config import Settings
 from service.errors import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
-from service.middleware import (
-    REQUEST_ID_HEADER,
-    BodyLimitMiddleware,
-    ObservingMiddleware,
-    SecurityHeadersMiddleware,
-    SheddingMiddleware,
-)
+from service.middleware import REQUEST_ID_HEADER, EdgeMiddleware
 from service.model_registry import ModelRegistry
 from service.pipeline import Pipeline
 from service.predictor import Predictor
@@ -47,6 +41,7 @@ from service.reload import Reloader, prepare_configured
 from service.routes import admin, health, model, predict, v2
 from service.routes import metrics as metrics_route
 from service.routes.http import TIMEOUT_HEADER
+from service.routes.prediction_route import PredictionRoute
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +159,21 @@ def create_app(
         async def demo_page() -> FileResponse:
             return FileResponse(STATIC_DIR / "index.html")
 
-    # Added last = outermost: metrics see every response, the 413s of the body limit included.
-    # Shedding comes before them all (inside CORS only, so browsers can read a 429): under overload
-    # most requests take that path, and it must cost far less than an answer.
+    # The edge is one layer for every request, outermost but for CORS (so browsers can read a 429).
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+        EdgeMiddleware,
+        pipeline=pipeline,
+        metrics=metrics,
+        prediction_routes=[
+            route
+            for router in (predict.router, v2.router)
+            for route in router.routes
+            if isinstance(route, PredictionRoute)
+        ],
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        worker=worker_index + 1,
     )
-    app.add_middleware(ObservingMiddleware, metrics=metrics, worker=worker_index + 1)
-    app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(SheddingMiddleware, pipeline=pipeline, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

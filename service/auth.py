@@ -78,10 +78,11 @@ _admin_bearer = HTTPBearer(scheme_name="admin_token", description="admin routes 
 Credentials = HTTPAuthorizationCredentials | None
 
 
-def check_api_token(request: Request, credentials: Credentials) -> None:
+async def check_api_token(request: Request) -> None:
+    """401 unless the request carries an API token, when tokens are configured (else nothing is read)."""
     check: TokenCheck = request.app.state.api_auth
     if check.enabled:
-        check.verify(credentials)
+        check.verify(await api_bearer(request))
 
 
 async def require_admin_token(request: Request, credentials: Annotated[Credentials, Depends(_admin_bearer)]) -> None:

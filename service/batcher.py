@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -58,15 +58,12 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     enqueued_at: float
     infer: InferFn  # the model the caller resolved
-    logits: torch.Tensor = field(init=False)
+    logits: torch.Tensor | None = None  # its rows of the batch's output; a buffer when it spans batches
     next_index: int = 0  # first image not yet taken into a batch
     done_images: int = 0
     queue_s: float = 0.0
     inference_s: float = 0.0
     batch_size: int = 0
-
-    def __post_init__(self) -> None:
-        self.logits = torch.empty(len(self.images), 10)
 
     @property
     def untaken(self) -> int:
@@ -220,7 +217,9 @@ class Batcher:
         self._report_depth()
         self._arrived.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(request.future), timeout_s)
+            # A timeout or a cancellation cancels the request's own future: the collector skips it.
+            async with asyncio.timeout(timeout_s):
+                return await request.future
         except TimeoutError:
             self._withdraw(request)
             self._report_rejected("timeout")
@@ -360,12 +359,19 @@ class Batcher:
         offset = 0
         for piece in pieces:
             request, count = piece.request, piece.stop - piece.start
-            request.logits[piece.start : piece.stop] = logits[offset : offset + count]
+            rows = logits[offset : offset + count]
+            if count == len(request.images):
+                request.logits = rows  # the common case, the whole request in one batch: no copy
+            else:
+                if request.logits is None:
+                    request.logits = torch.empty(len(request.images), 10)
+                request.logits[piece.start : piece.stop] = rows
             offset += count
             request.done_images += count
             request.inference_s += elapsed
             request.batch_size = max(request.batch_size, size)
             if request.done_images == len(request.images) and not request.future.done():
+                assert request.logits is not None
                 request.future.set_result(
                     BatchResult(request.logits, request.queue_s, request.inference_s, request.batch_size)
                 )

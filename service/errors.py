@@ -103,36 +103,31 @@ def describe_validation(errors: list[Any], limit: int = 20) -> tuple[str, list[d
     return f"{details[0]['field']}: {details[0]['problem']}{more}", details
 
 
-async def _service_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServiceError)
-    return error_response(exc.status_code, exc.code, exc.message, headers=exc.headers, details=exc.details)
-
-
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = list(exc.errors())
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return error_response(400, "malformed_json", "request body is not valid JSON")
-    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
-        return error_response(400, "empty_body", "request body is empty; send a JSON object")
-    message, details = describe_validation(errors)
-    return error_response(422, "invalid_input", message, details=details)
-
-
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+def render_error(request: Request, exc: Exception) -> JSONResponse:
+    """The JSON answer to any error raised while handling `request`: the one renderer, used by the
+    app's exception handlers and by the edge for the prediction routes it serves directly."""
+    if isinstance(exc, ServiceError):
+        return error_response(exc.status_code, exc.code, exc.message, headers=exc.headers, details=exc.details)
+    if isinstance(exc, RequestValidationError):
+        errors = list(exc.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "malformed_json", "request body is not valid JSON")
+        if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+            return error_response(400, "empty_body", "request body is empty; send a JSON object")
+        message, details = describe_validation(errors)
+        return error_response(422, "invalid_input", message, details=details)
+    if isinstance(exc, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
     # Never leak a stack trace or a file path to the client; the log has the details.
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
 
 
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    return render_error(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    for kind in (ServiceError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, _handle)

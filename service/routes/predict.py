@@ -6,14 +6,11 @@ HTTP only: check the caller, resolve the model once, read the body, and hand dec
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.codecs import v1
-from service.deps import ServingDep
 from service.errors import BadRequest, ErrorBody, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.preprocessing import ALLOWED_FORMATS
 from service.routes.http import (
@@ -24,23 +21,26 @@ from service.routes.http import (
     require_media_type,
     served_headers,
 )
+from service.routes.prediction_route import PredictionRoute, flag_parameter, query_flag, serving
 from service.schemas import BatchPredictResponse, PredictRequest, PredictResponse
 
-router = APIRouter(prefix="/v1", tags=["prediction"])
+router = APIRouter(prefix="/v1", tags=["prediction"], route_class=PredictionRoute)
 
 IMAGE_TYPES = sorted(set(ALLOWED_FORMATS.values()))
 INLINE_PIXELS = 128 * 128  # uploads with more pixels in all are decoded on a worker thread, off the event loop
 
-ReturnInput = Annotated[
-    bool | None, Query(description="include the 28x28 array the model saw (also accepted in a JSON body)")
-]
-Preprocess = Annotated[
-    bool | None,
-    Query(
-        description="make the input MNIST-like first (crop, scale to 20 px, centre by mass). "
-        "Default: false for pixel arrays, true for images (also accepted in a JSON body)"
+FLAGS = [
+    flag_parameter("return_input", "include the 28x28 array the model saw (also accepted in a JSON body)"),
+    flag_parameter(
+        "preprocess",
+        "make the input MNIST-like first (crop, scale to 20 px, centre by mass). "
+        "Default: false for pixel arrays, true for images (also accepted in a JSON body)",
     ),
 ]
+
+
+def _options(request: Request) -> v1.Options:
+    return v1.Options(return_input=query_flag(request, "return_input"), preprocess=query_flag(request, "preprocess"))
 
 
 def _response(body: bytes, headers: dict[str, str]) -> Response:
@@ -54,33 +54,30 @@ def _response(body: bytes, headers: dict[str, str]) -> Response:
     response_model_exclude_unset=True,
     responses={400: {"model": ErrorBody, "description": "empty body or malformed JSON"}, **COMMON_ERRORS},
     openapi_extra={
+        "parameters": FLAGS,
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
-        }
+        },
     },
 )
-async def predict_pixels(
-    request: Request,
-    serving: ServingDep,
-    return_input: ReturnInput = None,
-    preprocess: Preprocess = None,
-) -> Response:
+async def predict_pixels(request: Request) -> Response:
     """Send `{"pixels": ...}` for one image or `{"instances": [...]}` for several. Pixels are 0..1,
     white digit on black, 28x28 (nested or flat). With `"preprocess": true` any size and
     polarity is accepted and centred and scaled like MNIST first. `pixels` answers
     `{"digit", "confidence", "probabilities", "model"}`; `instances` answers `{"predictions": [...], "model"}`.
     An image with no digit answers `digit: null` with a `detail`.
     Headers: `X-Model-Version`, `X-Batch-Size`, `Server-Timing` (queue, preprocess, inference in ms)."""
-    pipeline, settings = serving.pipeline, serving.settings
+    served = serving(request)
+    pipeline, settings = served.pipeline, served.settings
+    options = _options(request)
     timeout_s = client_timeout(request)
     require_media_type(request, ["application/json"])
     body = await request.body()
     if not body.strip():
         raise BadRequest("request body is empty; send a JSON object")
-    options = v1.Options(return_input=return_input, preprocess=preprocess)
     decoded, outcome = await pipeline.run(
-        serving.model,
+        served.model,
         lambda: v1.decode_pixels(body, options, settings, timeout_s),
         offload=len(body) > INLINE_BODY_BYTES,
     )
@@ -121,6 +118,7 @@ async def _read_uploads(request: Request, max_files: int) -> tuple[list[bytes], 
         **COMMON_ERRORS,
     },
     openapi_extra={
+        "parameters": FLAGS,
         "requestBody": {
             "required": True,
             "content": {
@@ -133,28 +131,24 @@ async def _read_uploads(request: Request, max_files: int) -> tuple[list[bytes], 
                 },
                 **{media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_TYPES},
             },
-        }
+        },
     },
 )
-async def predict_image(
-    request: Request,
-    serving: ServingDep,
-    return_input: ReturnInput = None,
-    preprocess: Preprocess = None,
-) -> Response:
+async def predict_image(request: Request) -> Response:
     """Send one image as the raw body with its `Content-Type` (answered as one prediction object), or
     upload images as multipart field `file`, repeated for several (answered as `{"predictions": [...]}`,
     also for one file). PNG, JPEG, WebP, BMP or GIF (first frame), any size up to the pixel limit, any
     mode; dark-on-light and light-on-dark both work. The image is made MNIST-like: cropped to the ink,
     scaled to 20 px, centred by mass in 28x28 (`preprocess=false`: it already is, 28x28 white on black).
     An image with no digit answers `digit: null` with a `detail`."""
-    pipeline, settings = serving.pipeline, serving.settings
+    served = serving(request)
+    pipeline, settings = served.pipeline, served.settings
+    options = _options(request)
     timeout_s = client_timeout(request)
     blobs, single = await _read_uploads(request, settings.max_files)
     images = v1.open_images(blobs, single, settings)  # headers only: sizes are checked before any decoding
-    options = v1.Options(return_input=return_input, preprocess=preprocess)
     decoded, outcome = await pipeline.run(
-        serving.model,
+        served.model,
         lambda: v1.decode_images(images, single, options, timeout_s),
         offload=sum(image.width * image.height for image in images) > INLINE_PIXELS,
     )

@@ -11,10 +11,11 @@ from fastapi.routing import APIRoute
 
 from service import __version__
 from service.codecs.oip import HEADER_LENGTH, encode_infer_response, model_metadata, parse_infer_request, request_schema
-from service.deps import CurrentModel, LifecycleDep, RegistryDep, Serving, ServingDep, SettingsDep
+from service.deps import CurrentModel, LifecycleDep, RegistryDep, SettingsDep
 from service.errors import ServiceError
 from service.predictor import Predictor
 from service.routes.http import INLINE_BODY_BYTES, client_timeout, require_media_type, served_headers
+from service.routes.prediction_route import PredictionRoute, serving
 
 SERVER_NAME = "digit-service"
 EXTENSIONS = ["binary_tensor_data"]
@@ -25,7 +26,7 @@ class ModelNotFound(ServiceError):
     code = "not_found"
 
 
-class ProtocolRoute(APIRoute):
+class ProtocolErrors(APIRoute):
     """Renders every error of these routes as the protocol's {"error": "..."} object."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -40,7 +41,11 @@ class ProtocolRoute(APIRoute):
         return protocol_handler
 
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
+class InferRoute(ProtocolErrors, PredictionRoute):
+    """The inference routes: the prediction routes' lean request path, with the protocol's errors."""
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolErrors)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": 'bad request: {"error": "..."}'},
@@ -92,9 +97,10 @@ async def _ready(
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
 
 
-async def _infer(request: Request, serving: Serving, name: str, version: str | None) -> Response:
-    pipeline, settings = serving.pipeline, serving.settings
-    model = _check(serving.model, settings.model_name, name, version)
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    served = serving(request)
+    pipeline, settings = served.pipeline, served.settings
+    model = _check(served.model, settings.model_name, name, version)
     header_timeout_s = client_timeout(request)
     require_media_type(request, ["application/json", "application/octet-stream"])
     body = await request.body()
@@ -168,11 +174,16 @@ async def model_ready_versioned(
     return await _ready(lifecycle, registry, settings.model_name, name, version)
 
 
-@router.post("/models/{name}/infer", **_INFER_DOC)
-async def infer_latest(name: str, request: Request, serving: ServingDep) -> Response:
-    return await _infer(request, serving, name, None)
+async def infer_latest(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", **_INFER_DOC)
-async def infer_versioned(name: str, version: str, request: Request, serving: ServingDep) -> Response:
-    return await _infer(request, serving, name, version)
+async def infer_versioned(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+for _path, _endpoint in (
+    ("/models/{name}/infer", infer_latest),
+    ("/models/{name}/versions/{version}/infer", infer_versioned),
+):
+    router.add_api_route(_path, _endpoint, methods=["POST"], route_class_override=InferRoute, **_INFER_DOC)
