@@ -1,7 +1,7 @@
 """Dynamic batching: coalesce concurrent requests' images into one forward pass.
 
 Callers `submit` a tensor of k images together with the model that must compute them, and
-await their k rows of logits. The batcher knows nothing of HTTP or of which model is
+await their k rows of its output. The batcher knows nothing of HTTP or of which model is
 "current": the caller resolved its model once and carries it here. One collector task
 gathers queued images into batches of at most `max_batch_size`, waiting at most
 `max_batch_wait_s` for a batch to fill, and runs the model on one dedicated worker thread
@@ -31,7 +31,7 @@ from service.errors import InferenceTimeout, ModelFailure, Overloaded, ServiceUn
 
 log = logging.getLogger(__name__)
 
-InferFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 1, 28, 28] float32 -> [B, 10] logits
+InferFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 1, 28, 28] float32 -> [B, ...]: a row per image
 
 
 class BatchObserver(Protocol):
@@ -46,7 +46,7 @@ class BatchObserver(Protocol):
 
 @dataclass(frozen=True)
 class BatchResult:
-    logits: torch.Tensor  # [k, 10], CPU
+    rows: torch.Tensor  # [k, ...]: the model's output for the request's images, CPU
     queue_s: float  # longest time one of its images waited for a batch
     inference_s: float  # forward-pass time of the batches it took part in
     batch_size: int  # the largest batch it took part in
@@ -58,7 +58,7 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     enqueued_at: float
     infer: InferFn  # the model the caller resolved
-    logits: torch.Tensor | None = None  # its rows of the batch's output; a buffer when it spans batches
+    rows: torch.Tensor | None = None  # its rows of the batch's output; a buffer when it spans batches
     next_index: int = 0  # first image not yet taken into a batch
     done_images: int = 0
     queue_s: float = 0.0
@@ -205,7 +205,7 @@ class Batcher:
             )
 
     async def submit(self, images: torch.Tensor, model: InferFn, timeout_s: float) -> BatchResult:
-        """Queue `images` [k, 1, 28, 28] for `model` and wait for their logits."""
+        """Queue `images` [k, 1, 28, 28] for `model` and wait for their rows of its output."""
         count = len(images)
         if count == 0:
             raise ValueError("no images to submit")
@@ -332,11 +332,11 @@ class Batcher:
         self._running = pieces
         model = pieces[0].request.infer
         try:
-            logits = await loop.run_in_executor(self._executor, self._forward, model, parts)
-            if logits.shape != (size, 10):
-                raise RuntimeError(f"model returned shape {tuple(logits.shape)}, expected ({size}, 10)")
-            if not bool(torch.isfinite(logits).all()):
-                raise RuntimeError("model returned non-finite logits (NaN or infinity)")
+            outputs = await loop.run_in_executor(self._executor, self._forward, model, parts)
+            if outputs.ndim < 1 or len(outputs) != size:
+                raise RuntimeError(f"model returned shape {tuple(outputs.shape)} for a batch of {size}")
+            if not bool(torch.isfinite(outputs).all()):
+                raise RuntimeError("model returned non-finite outputs (NaN or infinity)")
         except Exception as exc:
             self._running = []
             log.exception("inference failed for a batch of %d images", size)
@@ -359,21 +359,21 @@ class Batcher:
         offset = 0
         for piece in pieces:
             request, count = piece.request, piece.stop - piece.start
-            rows = logits[offset : offset + count]
+            rows = outputs[offset : offset + count]
             if count == len(request.images):
-                request.logits = rows  # the common case, the whole request in one batch: no copy
+                request.rows = rows  # the common case, the whole request in one batch: no copy
             else:
-                if request.logits is None:
-                    request.logits = torch.empty(len(request.images), 10)
-                request.logits[piece.start : piece.stop] = rows
+                if request.rows is None:
+                    request.rows = torch.empty((len(request.images), *outputs.shape[1:]), dtype=outputs.dtype)
+                request.rows[piece.start : piece.stop] = rows
             offset += count
             request.done_images += count
             request.inference_s += elapsed
             request.batch_size = max(request.batch_size, size)
             if request.done_images == len(request.images) and not request.future.done():
-                assert request.logits is not None
+                assert request.rows is not None
                 request.future.set_result(
-                    BatchResult(request.logits, request.queue_s, request.inference_s, request.batch_size)
+                    BatchResult(request.rows, request.queue_s, request.inference_s, request.batch_size)
                 )
 
     @staticmethod

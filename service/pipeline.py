@@ -123,23 +123,21 @@ class Pipeline:
             if not submitted:
                 self._decoding -= 1
         timing = Timing(result.queue_s, preprocess_s, result.inference_s, result.batch_size)
-        return decoded, self._postprocess(model, decoded.inputs, result.logits, timing)
+        return decoded, self._postprocess(model, decoded.inputs, result.rows, timing)
 
     def _postprocess(
-        self, model: Predictor, inputs: list[Prepared], logits: torch.Tensor | None, timing: Timing
+        self, model: Predictor, inputs: list[Prepared], rows: torch.Tensor | None, timing: Timing
     ) -> Outcome:
-        """Softmax with the model's own temperature; inputs with no digit get -1 and zero rows."""
+        """The model's rows (logits, and probabilities calibrated with its own temperature: see
+        `Predictor.__call__`) per input; inputs with no digit get -1 and zero rows."""
         no_digit = [item.reason if isinstance(item, NoDigit) else None for item in inputs]
         seen = [None if isinstance(item, NoDigit) else item for item in inputs]
-        if logits is None:
+        if rows is None:
             count = len(inputs)
             zeros = np.zeros((count, 10), dtype=np.float32)
             return Outcome(model, zeros, zeros, np.full(count, -1), np.zeros(count, np.float32), no_digit, seen, timing)
-        raw = logits.numpy()
-        shifted = raw / model.temperature
-        shifted -= shifted.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        calibrated = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+        both = rows.numpy()
+        raw, calibrated = both[:, 0], both[:, 1]
         chosen = calibrated.argmax(axis=1)
         best = calibrated[np.arange(len(chosen)), chosen]
         self._metrics.predicted_many(chosen.tolist(), best.tolist())

@@ -42,7 +42,12 @@ class Predictor:
         return self.metadata.temperature
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.infer(images)
+        """What the batcher runs: [B, 1, 28, 28] -> [B, 2, 10], each image's logits and its probabilities
+        calibrated with this model's temperature; one softmax for the batch, not one per request."""
+        logits = self.infer(images)
+        if logits.shape != (len(images), 10):
+            raise RuntimeError(f"model returned shape {tuple(logits.shape)} for {len(images)} images, expected (N, 10)")
+        return torch.stack((logits, torch.softmax(logits / self.temperature, dim=1)), dim=1)
 
     def infer(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 1, 28, 28] float32 in 0..1 on the CPU -> [B, 10] float32 logits on the CPU."""

@@ -55,7 +55,7 @@ def images(*codes: float) -> torch.Tensor:
 
 
 def digits(result) -> list[int]:
-    return result.logits.argmax(dim=1).tolist()
+    return result.rows.argmax(dim=1).tolist()
 
 
 class Observer:
@@ -310,10 +310,13 @@ async def test_a_dead_collector_fails_its_callers_at_once_and_says_why() -> None
     await batcher.stop()
 
 
-async def test_wrong_output_shape_is_a_model_error() -> None:
+async def test_an_output_without_one_row_per_image_is_a_model_error() -> None:
     batcher = await started(max_batch_size=2, max_batch_wait_s=0.0)
     with pytest.raises(ModelFailure):
-        await within(batcher.submit(images(0.1), lambda x: torch.zeros(len(x), 3), 5))
+        await within(batcher.submit(images(0.1), lambda x: torch.zeros(len(x) + 1, 10), 5))
+    with pytest.raises(ModelFailure):
+        await within(batcher.submit(images(0.1), lambda x: torch.tensor(0.0), 5))
+    assert digits(await within(batcher.submit(images(0.3), GatedModel(), 5))) == [3]  # and it goes on
     await batcher.stop()
 
 

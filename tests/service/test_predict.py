@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -490,3 +491,22 @@ def test_an_image_without_preprocessing_must_already_be_mnist_form(client: TestC
     )
     assert too_big.status_code == 422
     assert "must be 28x28" in too_big.json()["message"]
+
+
+def test_a_model_answering_the_wrong_width_is_a_model_error_and_the_service_goes_on() -> None:
+    class Switchable(torch.nn.Module):
+        """MeanIntensityNet, or 3 classes instead of 10 while `wrong` is set."""
+
+        wrong = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(x), 3) if self.wrong else MeanIntensityNet()(x)
+
+    model = Switchable()
+    with build_client(Settings(max_batch_wait_ms=0), model=model) as client:
+        model.wrong = True
+        response = client.post("/v1/predict", json={"pixels": grid(0.3)})
+        assert response.status_code == 500
+        assert response.json()["error"] == "model_error"
+        model.wrong = False
+        assert client.post("/v1/predict", json={"pixels": grid(0.3)}).json()["digit"] == 3
