@@ -405,3 +405,37 @@ async def test_a_cancelled_collector_is_reported_as_gone() -> None:
     assert batcher.collector_gone
     await batcher.stop()
     assert not batcher.collector_gone  # stopped on purpose: not a failure
+
+
+async def test_requests_queued_by_the_event_loop_after_a_pass_ride_in_the_next_batch_together() -> None:
+    """A busy event loop queues the requests that arrived during a forward pass over a few rounds
+    (reading, decoding): the next batch waits those rounds out instead of running the first alone."""
+    model = GatedModel()
+    batcher = await started(max_batch_size=8, max_batch_wait_s=0.0)
+    model.gate.clear()
+    first = asyncio.create_task(batcher.submit(images(0.1), model, WAIT))
+    await model.running()
+    waiting = asyncio.create_task(batcher.submit(images(0.2), model, WAIT))  # queued during the pass
+
+    async def arrives_after_the_pass(code: float, rounds: int):
+        await first  # like a client's next request, sent once the first one is answered
+        for _ in range(rounds):  # the event loop's work on it before it is queued
+            await asyncio.sleep(0)
+        return await batcher.submit(images(code), model, WAIT)
+
+    later = [asyncio.create_task(arrives_after_the_pass(code, rounds)) for code, rounds in ((0.3, 1), (0.4, 3))]
+    model.gate.set()
+    results = await within(asyncio.gather(first, waiting, *later))
+    assert [digits(result) for result in results] == [[1], [2], [3], [4]]
+    assert model.batches == [1, 3]
+    await batcher.stop()
+
+
+async def test_a_lone_request_after_a_pass_runs_at_once() -> None:
+    model = GatedModel()
+    batcher = await started(max_batch_size=8, max_batch_wait_s=5.0, on_the_way=lambda: 0)  # nobody else coming
+    assert digits(await within(batcher.submit(images(0.1), model, WAIT))) == [1]
+    started_at = time.monotonic()
+    assert digits(await within(batcher.submit(images(0.2), model, WAIT))) == [2]
+    assert time.monotonic() - started_at < 1.0  # neither the 5 s batching wait nor anything like it
+    await batcher.stop()
