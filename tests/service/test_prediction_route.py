@@ -92,3 +92,13 @@ def test_the_api_token_is_checked_on_the_direct_path() -> None:
     assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
     assert missing.json()["error"] == "unauthorized"
     assert protocol.status_code == 401 and set(protocol.json()) == {"error"}  # the protocol's error shape
+
+
+def test_request_ids_made_up_for_clients_are_distinct_32_hex_digits(client: TestClient) -> None:
+    made = [client.post("/v1/predict", json=PIXELS).headers["X-Request-ID"] for _ in range(3)]
+    made.append(client.get("/healthz").headers["X-Request-ID"])
+    made.append(
+        client.post("/v1/predict", json=PIXELS, headers={"X-Request-ID": "bad id;"}).headers["X-Request-ID"]
+    )
+    assert len(set(made)) == len(made)
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in made)
