@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     admin_tokens_file: Path | None = Field(None, description="file of admin tokens, one per line (a mounted Secret)")
     metrics_require_token: bool = Field(False, description="require an admin token for /metrics too")
     metrics_enabled: bool = Field(True, description="serve Prometheus metrics at /metrics")
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry (traces, metrics, logs to the globally configured providers); "
+        "off by default, as looking for providers costs every request",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text for people, json for log pipelines")
 

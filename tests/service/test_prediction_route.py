@@ -97,8 +97,12 @@ def test_the_api_token_is_checked_on_the_direct_path() -> None:
 def test_request_ids_made_up_for_clients_are_distinct_32_hex_digits(client: TestClient) -> None:
     made = [client.post("/v1/predict", json=PIXELS).headers["X-Request-ID"] for _ in range(3)]
     made.append(client.get("/healthz").headers["X-Request-ID"])
-    made.append(
-        client.post("/v1/predict", json=PIXELS, headers={"X-Request-ID": "bad id;"}).headers["X-Request-ID"]
-    )
+    made.append(client.post("/v1/predict", json=PIXELS, headers={"X-Request-ID": "bad id;"}).headers["X-Request-ID"])
     assert len(set(made)) == len(made)
     assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in made)
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_fastapis_native_telemetry_follows_the_setting(enabled: bool) -> None:
+    app = create_app(Settings(opentelemetry=enabled), predictor=Predictor(MeanIntensityNet(), make_metadata()))
+    assert all(app._telemetry[signal] is enabled for signal in ("tracing", "metrics", "logs"))
