@@ -173,6 +173,7 @@ def create_app(
         ],
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
+        refusal_pause_s=settings.refusal_pause_s,
         worker=worker_index + 1,
     )
     if settings.cors_origins:

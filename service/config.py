@@ -42,11 +42,18 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, in ms")
     queue_limit: int = Field(2048, ge=1, description="most images waiting; beyond it requests get 429")
     max_queue_delay_ms: float = Field(
-        500.0,
+        100.0,
         gt=0,
         le=60_000,
         description="admit a request only while the work queued ahead of it takes at most this long, in ms; "
-        "beyond it requests get 429 at once",
+        "beyond it requests get 429",
+    )
+    refusal_pause_ms: float = Field(
+        100.0,
+        ge=0,
+        le=10_000,
+        description="a request refused for overload gets its 429 after this pause (no CPU spent), so clients that "
+        "retry at once cannot spend the CPU that serving needs on refusals; 0: at once",
     )
     request_timeout_s: float = Field(10.0, gt=0, le=600, description="longest a request waits for its result")
     reload_interval_s: float = Field(
@@ -135,6 +142,10 @@ class Settings(BaseSettings):
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+    @property
+    def refusal_pause_s(self) -> float:
+        return self.refusal_pause_ms / 1000.0
 
     @classmethod
     def env_names(cls) -> dict[str, str]:

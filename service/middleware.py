@@ -97,9 +97,10 @@ class EdgeMiddleware:
 
     1. Shedding: a prediction request that the queue would refuse anyway (429, or 503 when not
        serving) is refused before anything else runs: no routing, no body, no access-log line.
-       Under overload most requests take this path, so it must cost far less than an answer. The
-       refusal still carries its request ID and the security headers and is counted (the rejection
-       counter says why). Admitted requests are checked again, with their image count, when queued.
+       Under overload most requests take this path, so it must cost far less than an answer. A 429
+       is sent after `refusal_pause_s`, which costs no CPU. The refusal still carries its request
+       ID and the security headers and is counted (the rejection counter says why). Admitted
+       requests are checked again, with their image count, when queued.
     2. Bodies over the limit are refused with 413 before they are read (by Content-Length, else as
        the bytes arrive), and bodies that trickle in slower than `body_timeout_s` get 408.
     3. Every response carries an `X-Request-ID` (the client's when sane, else a new one), nosniff
@@ -118,9 +119,11 @@ class EdgeMiddleware:
         prediction_routes: Iterable[APIRoute],
         max_body_bytes: int,
         body_timeout_s: float = 30.0,
+        refusal_pause_s: float = 0.0,
         worker: int = 1,
     ) -> None:
         self.app = app
+        self.refusal_pause_s = refusal_pause_s
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -175,6 +178,11 @@ class EdgeMiddleware:
             # An unreadable deadline header is left to the route, which answers 400 naming it.
             self.pipeline.admit(None if raw is None else _seconds(raw))
         except ServiceError as exc:
+            if exc.status_code == 429 and self.refusal_pause_s > 0:
+                # Clients that retry at once (most load generators, many retry loops) would otherwise turn
+                # refusals into the overload: a refusal costs far less than an answer, but not nothing.
+                # The pause costs no CPU; it keeps the rate of refusals to what the clients' number allows.
+                await asyncio.sleep(self.refusal_pause_s)
             protocol = scope["path"].startswith("/v2/")
             payload = {"error": exc.message} if protocol else {"error": exc.code, "message": exc.message}
             body = json.dumps(payload).encode()

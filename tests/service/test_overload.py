@@ -27,6 +27,8 @@ SERVER_ENV = {
     # 16-image requests from 4 clients queue up to ~60 ms on a busy 2-core machine: this test is about the
     # queue limit and recovery, so the delay target stays out of the baseline's way.
     "DIGIT_MAX_QUEUE_DELAY_MS": "1000",
+    # ... and refusals are sent at once: the burst's 429s are compared with its answers in time.
+    "DIGIT_REFUSAL_PAUSE_MS": "0",
     "DIGIT_MAX_INSTANCES": "32",
     "DIGIT_MAX_FILES": "16",
     "DIGIT_REQUEST_TIMEOUT_S": "2",
@@ -148,3 +150,39 @@ async def test_loop_lag_measures_how_late_the_event_loop_runs() -> None:
     await asyncio.sleep(0.001)  # the late timer fires once; the next is not due yet
     assert lag.seconds > 0.1
     task.cancel()
+
+
+def test_a_429_is_sent_after_the_refusal_pause_without_holding_up_anyone_else() -> None:
+    """Clients that retry at once must not turn refusals into the overload: a shed request's 429 comes
+    after `refusal_pause_ms`, a pause that blocks nobody (the event loop serves others meanwhile).
+    A 503 (not serving) is no overload and is not paused."""
+    settings = Settings(max_batch_size=4, max_queue_delay_ms=50, refusal_pause_ms=600)
+    with build_client(settings, model=MeanIntensityNet()) as client:
+        pipeline = client.app.state.pipeline
+        pipeline.loop_lag = LoopLag()  # not run: this test sets the lag itself
+        pipeline.loop_lag.seconds = 10.0  # far over the 50 ms target: every request is shed
+        refused: list[tuple[int, float]] = []
+
+        def shed() -> None:
+            started = time.monotonic()
+            status = client.post("/v1/predict", json={"pixels": [0.5] * 784}).status_code
+            refused.append((status, time.monotonic() - started))
+
+        pausing = threading.Thread(target=shed)
+        pausing.start()
+        time.sleep(0.1)  # the refusal is pausing now
+        pipeline.loop_lag.seconds = 0.0
+        started = time.monotonic()
+        served = client.post("/v1/predict", json={"pixels": [0.5] * 784})
+        served_s = time.monotonic() - started
+        pausing.join(10)
+        assert served.status_code == 200
+        assert refused and refused[0][0] == 429
+        assert refused[0][1] >= 0.6  # the pause
+        assert served_s < 0.5  # answered while the refusal was still pausing
+        client.app.state.lifecycle.batcher._stopping = True  # not serving: 503
+        started = time.monotonic()
+        unavailable = client.post("/v1/predict", json={"pixels": [0.5] * 784})
+        assert unavailable.status_code == 503
+        assert time.monotonic() - started < 0.5
+        client.app.state.lifecycle.batcher._stopping = False
