@@ -50,6 +50,46 @@ def test_two_workers_answer_as_one_service_with_metrics_summed_over_both() -> No
     assert "Traceback" not in service.output
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on 127.0.0.1:`port` (from /proc/net/tcp)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and local == f"0100007F:{port:04X}":
+            inodes.add(inode)
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def test_each_worker_accepts_on_a_socket_of_its_own_so_the_kernel_spreads_connections() -> None:
+    """With one shared socket, the idle worker of the moment took every new connection, and keep-alive
+    clients stayed where they landed (measured: runs alternated between both workers busy and one
+    doing it all). Each worker has its own listening socket on the port (SO_REUSEPORT)."""
+    with running_service(TWO) as service:
+        listening = _listening_inodes(service.port)
+        owned = [_socket_inodes(pid) & listening for pid in _workers(service.process.pid)]
+        clients = [httpx2.Client(base_url=service.base_url) for _ in range(16)]  # 16 keep-alive connections
+        try:
+            for client in clients:
+                assert client.post("/v1/predict", json={"pixels": probe_image().tolist()}).status_code == 200
+        finally:
+            for client in clients:
+                client.close()
+    assert len(listening) == 2
+    assert [len(sockets) for sockets in owned] == [1, 1] and owned[0] != owned[1]
+    by_worker = Counter(re.findall(r'"POST /v1/predict" 200 .* worker=(\d)', service.output))
+    assert set(by_worker) == {"1", "2"}, by_worker
+
+
 def test_admin_reload_switches_every_worker_before_it_answers(tmp_path: Path) -> None:
     publish(tmp_path, marked_model(1))
     env = {**TWO, "DIGIT_ARTIFACT_DIR": str(tmp_path), "DIGIT_RELOAD_INTERVAL_S": "0", "DIGIT_ADMIN_TOKENS": "admin"}
@@ -199,3 +239,18 @@ def test_a_cgroup_cpu_limit_caps_the_cpus(tmp_path: Path) -> None:
     assert available_cpus(limit) == min(2, len(os.sched_getaffinity(0)))
     limit.write_text("max 100000\n")
     assert available_cpus(limit) == len(os.sched_getaffinity(0))
+
+
+def test_a_second_service_on_the_same_port_is_refused_not_joined() -> None:
+    with running_service(TWO) as first:
+        second = subprocess.run(
+            [sys.executable, "-m", "service"],
+            env={**os.environ, **TWO, "DIGIT_PORT": str(first.port)},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert httpx2.get(f"{first.base_url}/readyz").status_code == 200  # the first serves on
+    assert second.returncode == 3
+    assert f"cannot listen on 127.0.0.1:{first.port}" in second.stderr
