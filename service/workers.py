@@ -3,9 +3,9 @@
 Python runs one thread of Python at a time per process, and HTTP parsing, image decoding,
 preprocessing and rendering are all Python: one process tops out near one core however many
 the machine has. So the service runs several processes (by default one per CPU it may use),
-each with its own model, batcher and event loop, each accepting on its own socket of the port
-(SO_REUSEPORT, so the kernel spreads connections evenly), sockets that this supervisor binds
-and holds. The supervisor itself serves nothing:
+each with its own model, batcher and event loop, each accepting on a socket of its own on the
+port (SO_REUSEPORT, so the kernel spreads connections evenly). The supervisor itself serves
+nothing:
 
 - it starts the workers (spawned, not forked: torch's thread pools do not survive a fork), each
   in a process group of its own, so a terminal's Ctrl-C reaches the supervisor only, and each
@@ -92,37 +92,32 @@ def _worker_main(
     raise SystemExit(0 if server.started else 3)
 
 
-def _bind(settings: Settings, count: int) -> list[socket.socket]:
-    """One listening socket per worker, all on the service's port (SO_REUSEPORT): the kernel spreads
-    new connections evenly over them. With one shared socket, whichever worker happened to be idle
-    when a client connected took its connection, and keep-alive clients stayed where they landed:
-    measured with 64 clients, runs alternated between both workers busy and one doing it all (half
-    the throughput). The supervisor holds the sockets, so connections that arrive while a worker is
-    being replaced wait in its socket's queue for the replacement."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sockets: list[socket.socket] = []
-    port = settings.port
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A worker's own socket on the service's port (SO_REUSEPORT: the kernel spreads new connections
+    evenly over the workers' sockets). With one socket shared by all, whichever worker happened to be
+    idle when a client connected took its connection, and keep-alive clients stayed where they landed:
+    measured with 64 clients, runs alternated between both workers busy and one doing it all (half the
+    throughput). The worker alone holds its socket, so when it stops listening (it died, or it drains)
+    new connections go to the others instead of waiting for it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        if port:
-            # A port another service listens on, even a second copy of this one with its own
-            # SO_REUSEPORT sockets, is refused: first bind it alone, as a single-process server would.
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((settings.host, port))
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((settings.host, port))
-            port = sock.getsockname()[1]  # port 0: the others join the one the first was given
-            sock.set_inheritable(True)
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
-        raise SystemExit(3) from None
-    return sockets
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _free_port(host: str, port: int) -> int:
+    """The port, checked free as a single-process server would find it: one that another service listens
+    on (even a second copy of this one, whose sockets would let ours join) is refused. Port 0: a free one."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        return probe.getsockname()[1]
 
 
 class Supervisor:
@@ -137,7 +132,7 @@ class Supervisor:
         self._failed_starts = [0] * workers  # consecutive starts of a slot that never got ready
         self._last_version: int | None = None
         self._signals: list[int] = []
-        self._sockets: list[socket.socket] = []
+        self._port = settings.port
 
     def run(self) -> int:
         """Serve until signalled; the exit code: 0, or 3 when a worker could not start."""
@@ -146,14 +141,16 @@ class Supervisor:
         metrics_dir = tempfile.mkdtemp(prefix="digit-metrics-")
         os.environ[MULTIPROCESS_ENV] = metrics_dir  # the workers inherit it
         try:
-            self._sockets = _bind(self.settings, self.workers)
+            try:
+                self._port = _free_port(self.settings.host, self.settings.port)
+            except OSError as exc:
+                log.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc)
+                return 3
             log.info("starting %d workers on %s:%d", self.workers, self.settings.host, self.settings.port)
             for index in range(self.workers):
                 self._start(index)
             return self._supervise()
         finally:
-            for sock in self._sockets:
-                sock.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _on_signal(self, sig: int, frame: object) -> None:
@@ -168,12 +165,20 @@ class Supervisor:
         if self.board.shutting_down:
             return
         self.board.reset(index)
+        try:
+            sock = _listen_socket(self.settings.host, self._port)
+        except OSError as exc:  # the port was taken meanwhile: nothing here can fix that
+            log.error("cannot listen on %s:%d for worker %d: %s", self.settings.host, self._port, index + 1, exc)
+            raise SystemExit(3) from None
         process = self._context.Process(
             target=_worker_main,
-            args=(self.settings, index, self.board, [self._sockets[index]], start_version, os.getpid()),
+            args=(self.settings, index, self.board, [sock], start_version, os.getpid()),
             name=f"digit-worker-{index + 1}",
         )
-        process.start()
+        try:
+            process.start()
+        finally:
+            sock.close()  # the worker has its own copy now; the socket lives as long as the worker
         self._processes[index] = process
         self._served[index] = False
         if self.board.shutting_down and process.pid is not None:  # a signal came while it was starting
