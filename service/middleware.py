@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -19,7 +20,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, ServiceError, error_response, render_error
+from service.errors import (
+    DeadlineUnreachable,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    error_response,
+    render_error,
+)
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 
@@ -66,6 +74,14 @@ _ALL_HEADERS = _SECURITY_HEADERS + _PAGE_HEADERS
 # and restarts like a random UUID, without a system call for randomness on every request.
 _ID_PREFIX = secrets.token_hex(8)
 _id_count = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = secrets.token_hex(8)  # a forked child must not repeat its parent's IDs
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 def request_id(scope: Scope) -> bytes:
@@ -174,15 +190,17 @@ class EdgeMiddleware:
     async def _shed(self, scope: Scope, rid: bytes, target: _Target, send: Send, started: float) -> bool:
         """Refuse now what the queue would refuse; True when refused."""
         raw = next((value for name, value in scope["headers"] if name == b"x-request-timeout"), None)
+        deadline_s = None if raw is None else _seconds(raw)
         try:
             # An unreadable deadline header is left to the route, which answers 400 naming it.
-            self.pipeline.admit(None if raw is None else _seconds(raw))
+            self.pipeline.admit(deadline_s)
         except ServiceError as exc:
-            if exc.status_code == 429 and self.refusal_pause_s > 0:
+            if isinstance(exc, Overloaded) and not isinstance(exc, DeadlineUnreachable) and self.refusal_pause_s > 0:
                 # Clients that retry at once (most load generators, many retry loops) would otherwise turn
                 # refusals into the overload: a refusal costs far less than an answer, but not nothing.
                 # The pause costs no CPU; it keeps the rate of refusals to what the clients' number allows.
-                await asyncio.sleep(self.refusal_pause_s)
+                # Never past the client's own deadline; a refusal for that deadline comes at once.
+                await asyncio.sleep(min(self.refusal_pause_s, deadline_s or self.refusal_pause_s))
             protocol = scope["path"].startswith("/v2/")
             payload = {"error": exc.message} if protocol else {"error": exc.code, "message": exc.message}
             body = json.dumps(payload).encode()

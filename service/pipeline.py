@@ -5,8 +5,8 @@
 The codecs turn HTTP bodies into `Prepared` inputs (28x28 arrays, or why there is no digit)
 with the shared preprocessing, and `Outcome`s back into bodies. Everything between is here:
 admission, decoding work moved off the event loop when it is big, batching on the model the
-request resolved, and the softmax with that model's temperature. This module knows nothing
-of HTTP headers or routes.
+request resolved (whose predictor calibrates each batch with its own temperature), and the
+digits and confidences per input. This module knows nothing of HTTP headers or routes.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Pipeline:
         self._batcher.admit(1, self.deadline(timeout_s), waiting_s=self.loop_lag.seconds)
 
     async def run(self, model: Predictor, decode: Callable[[], D], *, offload: bool) -> tuple[D, Outcome]:
-        """Decode (on a worker thread when `offload`), preprocess, predict with `model`, calibrate."""
+        """Decode (on a worker thread when `offload`), preprocess, predict with `model` (calibrated)."""
         self._decoding += 1
         submitted = False
         try:

@@ -74,7 +74,7 @@ def _worker_main(
     start_version: int | None,
     supervisor: int,
 ) -> None:
-    """One worker process: a whole app on the shared socket."""
+    """One worker process: a whole app on its own listening socket."""
     os.setpgrp()  # Ctrl-C in a terminal goes to the supervisor, which passes it on as SIGTERM
     _die_with_parent()
     # Told to stop, or orphaned before the death signal was armed (in a container the supervisor
@@ -141,14 +141,18 @@ class Supervisor:
         metrics_dir = tempfile.mkdtemp(prefix="digit-metrics-")
         os.environ[MULTIPROCESS_ENV] = metrics_dir  # the workers inherit it
         try:
+            sockets: list[socket.socket] = []
             try:
                 self._port = _free_port(self.settings.host, self.settings.port)
+                sockets = [_listen_socket(self.settings.host, self._port) for _ in range(self.workers)]
             except OSError as exc:
+                for sock in sockets:
+                    sock.close()
                 log.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc)
                 return 3
-            log.info("starting %d workers on %s:%d", self.workers, self.settings.host, self.settings.port)
-            for index in range(self.workers):
-                self._start(index)
+            log.info("starting %d workers on %s:%d", self.workers, self.settings.host, self._port)
+            for index, sock in enumerate(sockets):
+                self._start(index, sock)
             return self._supervise()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -161,15 +165,12 @@ class Supervisor:
         self._signal_all(signal.SIGTERM)
         self._signals.append(sig)
 
-    def _start(self, index: int, start_version: int | None = None) -> None:
+    def _start(self, index: int, sock: socket.socket, start_version: int | None = None) -> None:
+        """Spawn worker `index` on its listening socket, which only the worker keeps."""
         if self.board.shutting_down:
+            sock.close()
             return
         self.board.reset(index)
-        try:
-            sock = _listen_socket(self.settings.host, self._port)
-        except OSError as exc:  # the port was taken meanwhile: nothing here can fix that
-            log.error("cannot listen on %s:%d for worker %d: %s", self.settings.host, self._port, index + 1, exc)
-            raise SystemExit(3) from None
         process = self._context.Process(
             target=_worker_main,
             args=(self.settings, index, self.board, [sock], start_version, os.getpid()),
@@ -260,7 +261,17 @@ class Supervisor:
             for index, when in list(restarts.items()):
                 if stopping_since is None and time.monotonic() >= when:
                     del restarts[index]
-                    self._start(index, start_version=self._serving_version())
+                    try:
+                        sock = _listen_socket(self.settings.host, self._port)
+                    except OSError as exc:  # the port's other listeners changed under us: try again later
+                        self._failed_starts[index] += 1
+                        log.error(
+                            "cannot listen on %s:%d for worker %d: %s", self.settings.host, self._port, index + 1, exc
+                        )
+                        backoff_s = min(MAX_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self._failed_starts[index])
+                        restarts[index] = time.monotonic() + backoff_s
+                        continue
+                    self._start(index, sock, start_version=self._serving_version())
             sentinels = [p.sentinel for p in self._processes if p is not None]
             wait(sentinels, timeout=0.25) if sentinels else time.sleep(0.25)
         for process in self._processes:

@@ -11,6 +11,7 @@ names it also declares for the docs with `flag_parameter`) and returns its `Resp
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,8 @@ class PredictionRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         if kwargs.get("dependencies"):
             raise TypeError(f"{path}: a PredictionRoute runs no dependencies; check inputs in the endpoint")
+        if not inspect.iscoroutinefunction(endpoint):
+            raise TypeError(f"{path}: a PredictionRoute's endpoint must be `async def` (it is awaited as is)")
         super().__init__(path, endpoint, **{**kwargs, "dependencies": [Security(api_bearer)]})
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -80,7 +83,8 @@ def query_flag(request: Request, name: str) -> bool | None:
         return _BOOL.validate_python(raw)
     except ValidationError:
         problem = f"expected a boolean (true or false), got {raw[:40]!r}"
-        raise InvalidInput(f"{name}: {problem}", details=[{"field": name, "problem": problem}]) from None
+        field = f"query.{name}"  # as FastAPI's validation named query parameters
+        raise InvalidInput(f"{field}: {problem}", details=[{"field": field, "problem": problem}]) from None
 
 
 def flag_parameter(name: str, description: str) -> dict[str, Any]:

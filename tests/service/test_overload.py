@@ -154,13 +154,14 @@ async def test_loop_lag_measures_how_late_the_event_loop_runs() -> None:
 
 def test_a_429_is_sent_after_the_refusal_pause_without_holding_up_anyone_else() -> None:
     """Clients that retry at once must not turn refusals into the overload: a shed request's 429 comes
-    after `refusal_pause_ms`, a pause that blocks nobody (the event loop serves others meanwhile).
-    A 503 (not serving) is no overload and is not paused."""
-    settings = Settings(max_batch_size=4, max_queue_delay_ms=50, refusal_pause_ms=600)
+    after `refusal_pause_ms`, a pause that blocks nobody (the event loop serves others meanwhile). A
+    refusal for the client's own deadline, and a 503 (not serving), are no such retry storm: at once."""
+    settings = Settings(max_batch_size=4, max_queue_delay_ms=50, refusal_pause_ms=1500)
     with build_client(settings, model=MeanIntensityNet()) as client:
         pipeline = client.app.state.pipeline
         pipeline.loop_lag = LoopLag()  # not run: this test sets the lag itself
         pipeline.loop_lag.seconds = 10.0  # far over the 50 ms target: every request is shed
+        registry = client.app.state.metrics.registry
         refused: list[tuple[int, float]] = []
 
         def shed() -> None:
@@ -170,19 +171,27 @@ def test_a_429_is_sent_after_the_refusal_pause_without_holding_up_anyone_else() 
 
         pausing = threading.Thread(target=shed)
         pausing.start()
-        time.sleep(0.1)  # the refusal is pausing now
+        deadline = time.monotonic() + 10
+        while not registry.get_sample_value("digit_rejected_requests_total", {"reason": "queue_delay"}):
+            # refused, and now pausing
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         pipeline.loop_lag.seconds = 0.0
-        started = time.monotonic()
         served = client.post("/v1/predict", json={"pixels": [0.5] * 784})
-        served_s = time.monotonic() - started
+        answered_while_pausing = not refused
         pausing.join(10)
         assert served.status_code == 200
+        assert answered_while_pausing
         assert refused and refused[0][0] == 429
-        assert refused[0][1] >= 0.6  # the pause
-        assert served_s < 0.5  # answered while the refusal was still pausing
-        client.app.state.lifecycle.batcher._stopping = True  # not serving: 503
+        assert refused[0][1] >= 1.5  # the pause
+
+        pipeline.loop_lag.seconds = 10.0
         started = time.monotonic()
-        unavailable = client.post("/v1/predict", json={"pixels": [0.5] * 784})
-        assert unavailable.status_code == 503
-        assert time.monotonic() - started < 0.5
-        client.app.state.lifecycle.batcher._stopping = False
+        own_deadline = client.post("/v1/predict", json={"pixels": [0.5] * 784}, headers={"X-Request-Timeout": "0.2"})
+        assert own_deadline.status_code == 429
+        assert time.monotonic() - started < 1.5  # paused at most its own 0.2 s deadline
+
+        client.portal.call(client.app.state.lifecycle.batcher.stop)  # not serving: 503
+        started = time.monotonic()
+        assert client.post("/v1/predict", json={"pixels": [0.5] * 784}).status_code == 503
+        assert time.monotonic() - started < 1.5

@@ -27,8 +27,9 @@ def test_a_query_flag_that_is_not_a_boolean_is_refused_naming_it(client: TestCli
         assert response.status_code == 422
         body = response.json()
         assert body["error"] == "invalid_input"
-        assert body["message"].startswith(f"{name}: expected a boolean")
-        assert body["details"] == [{"field": name, "problem": body["message"].removeprefix(f"{name}: ")}]
+        field = f"query.{name}"
+        assert body["message"].startswith(f"{field}: expected a boolean")
+        assert body["details"] == [{"field": field, "problem": body["message"].removeprefix(f"{field}: ")}]
     assert client.post("/v1/predict", json=PIXELS).status_code == 200  # and it keeps serving
 
 
@@ -58,6 +59,11 @@ def test_a_prediction_route_refuses_dependencies_it_would_not_run() -> None:
 
     with pytest.raises(TypeError, match="runs no dependencies"):
         PredictionRoute("/v1/x", endpoint, methods=["POST"], dependencies=[Depends(lambda: None)])
+
+    def blocking(request) -> None: ...
+
+    with pytest.raises(TypeError, match="async def"):
+        PredictionRoute("/v1/x", blocking, methods=["POST"])
 
 
 def test_an_unexpected_error_on_the_direct_path_is_a_json_500_and_the_service_goes_on() -> None:
