@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.procs import RssSampler  # noqa: E402
+from bench.procs import RssSampler, tree_rss_kib  # noqa: E402
 from scripts.bench import Server, http_request  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -273,8 +273,8 @@ class Report:
             lines.append(
                 f"Server RSS: {self.rss_after_warmup_kib / 1024:.0f} MiB after warm-up, peak "
                 f"{over.peak_rss_kib / 1024:.0f} MiB during the overload "
-                f"({over.peak_rss_kib / self.rss_after_warmup_kib:.2f}x); VmHWM at the end "
-                f"{(self.hwm_kib or 0) / 1024:.0f} MiB (includes start-up)."
+                f"({over.peak_rss_kib / self.rss_after_warmup_kib:.2f}x), summed over the service's processes; "
+                f"the supervisor's VmHWM at the end {(self.hwm_kib or 0) / 1024:.0f} MiB."
             )
         lines.append(
             f"Recovery: p50 {ms(rec.percentile(200, 50))} ms = {self.recovery_ratio(50):.2f}x the baseline's, "
@@ -317,7 +317,7 @@ def run(
         pid = server.process.pid
         # Warm up (first batches, allocator, connection set-up), then take the memory baseline.
         asyncio.run(run_phase(server.port, requests, "warm-up", baseline_clients, 1.0))
-        rss_after_warmup = read_status_kib(pid, "VmRSS")
+        rss_after_warmup = tree_rss_kib(pid)  # the supervisor and its workers, as the sampler counts
         baseline = asyncio.run(run_phase(server.port, requests, "baseline", baseline_clients, baseline_s, 0.2))
         with RssSampler(pid) as sampler:
             overload = asyncio.run(run_phase(server.port, requests, "overload", overload_clients, overload_s, 0.2))
