@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from service.errors import DeadlineUnreachable, InferenceTimeout, ModelFailure, Overloaded, ServiceUnavailable
+from service.errors import InferenceTimeout, ModelFailure, Overloaded, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class Batcher:
         if expected_wait_s > timeout_s:
             # It would only time out in the queue: say so now, while the client can still retry elsewhere.
             self._report_rejected("deadline")
-            raise DeadlineUnreachable(
+            raise Overloaded(
                 f"server busy: the expected wait ({expected_wait_s:.3g} s) exceeds this request's "
                 f"deadline ({timeout_s:.3g} s); retry later",
                 headers={"Retry-After": str(self._retry_after_s())},

@@ -60,10 +60,6 @@ class Overloaded(ServiceError):
     code = "overloaded"
 
 
-class DeadlineUnreachable(Overloaded):
-    """429: the request could not be done within its own deadline; said at once, while it can still go elsewhere."""
-
-
 class ServiceUnavailable(ServiceError):
     status_code = 503
     code = "unavailable"

@@ -21,7 +21,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
-    DeadlineUnreachable,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
@@ -190,17 +189,17 @@ class EdgeMiddleware:
     async def _shed(self, scope: Scope, rid: bytes, target: _Target, send: Send, started: float) -> bool:
         """Refuse now what the queue would refuse; True when refused."""
         raw = next((value for name, value in scope["headers"] if name == b"x-request-timeout"), None)
-        deadline_s = None if raw is None else _seconds(raw)
         try:
             # An unreadable deadline header is left to the route, which answers 400 naming it.
-            self.pipeline.admit(deadline_s)
+            self.pipeline.admit(None if raw is None else _seconds(raw))
         except ServiceError as exc:
-            if isinstance(exc, Overloaded) and not isinstance(exc, DeadlineUnreachable) and self.refusal_pause_s > 0:
+            if isinstance(exc, Overloaded) and self.refusal_pause_s > 0:
                 # Clients that retry at once (most load generators, many retry loops) would otherwise turn
                 # refusals into the overload: a refusal costs far less than an answer, but not nothing.
                 # The pause costs no CPU; it keeps the rate of refusals to what the clients' number allows.
-                # Never past the client's own deadline; a refusal for that deadline comes at once.
-                await asyncio.sleep(min(self.refusal_pause_s, deadline_s or self.refusal_pause_s))
+                # Every 429 pauses, whatever deadline the client sent: a short one must not buy a way
+                # around it (the client stops waiting on its own clock, which costs the service nothing).
+                await asyncio.sleep(self.refusal_pause_s)
             protocol = scope["path"].startswith("/v2/")
             payload = {"error": exc.message} if protocol else {"error": exc.code, "message": exc.message}
             body = json.dumps(payload).encode()

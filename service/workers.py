@@ -13,8 +13,9 @@ nothing:
 - on SIGTERM or SIGINT it sends the workers SIGTERM, and each drains on its own
   (`server.GracefulServer`; a second signal skips the shutdown delay, as with one process);
 - it replaces a worker that dies or reports failure after having served, starting the new one
-  on the version the others serve, and gives up (exit 3) if a worker of the first start cannot
-  start, since the next would fail the same way (a bad artifact, say);
+  on the version the others serve (retries back off 1, 2, 4... s), and gives up (exit 3) if a
+  worker of the first start cannot start, since the next would fail the same way (a bad
+  artifact, say), or when a slot fails 5 starts in a row (its process, or binding its socket);
 - it gives the workers a `WorkerBoard` (probes and reloads for all) and a directory where
   prometheus_client keeps every worker's metrics, and removes that directory at the end.
 """
@@ -144,7 +145,8 @@ class Supervisor:
             sockets: list[socket.socket] = []
             try:
                 self._port = _free_port(self.settings.host, self.settings.port)
-                sockets = [_listen_socket(self.settings.host, self._port) for _ in range(self.workers)]
+                for _ in range(self.workers):
+                    sockets.append(_listen_socket(self.settings.host, self._port))
             except OSError as exc:
                 for sock in sockets:
                     sock.close()
@@ -171,12 +173,12 @@ class Supervisor:
             sock.close()
             return
         self.board.reset(index)
-        process = self._context.Process(
-            target=_worker_main,
-            args=(self.settings, index, self.board, [sock], start_version, os.getpid()),
-            name=f"digit-worker-{index + 1}",
-        )
         try:
+            process = self._context.Process(
+                target=_worker_main,
+                args=(self.settings, index, self.board, [sock], start_version, os.getpid()),
+                name=f"digit-worker-{index + 1}",
+            )
             process.start()
         finally:
             sock.close()  # the worker has its own copy now; the socket lives as long as the worker
@@ -263,13 +265,24 @@ class Supervisor:
                     del restarts[index]
                     try:
                         sock = _listen_socket(self.settings.host, self._port)
-                    except OSError as exc:  # the port's other listeners changed under us: try again later
+                    except OSError as exc:  # the port's other listeners changed under us: a failed start
                         self._failed_starts[index] += 1
                         log.error(
                             "cannot listen on %s:%d for worker %d: %s", self.settings.host, self._port, index + 1, exc
                         )
-                        backoff_s = min(MAX_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self._failed_starts[index])
-                        restarts[index] = time.monotonic() + backoff_s
+                        if self._failed_starts[index] >= MAX_FAILED_STARTS:
+                            log.error(
+                                "worker %d failed %d starts in a row; stopping the service",
+                                index + 1,
+                                MAX_FAILED_STARTS,
+                            )
+                            exit_code = 3
+                            stopping_since = time.monotonic()
+                            self.board.shut_down()
+                            self._signal_all(signal.SIGTERM)
+                        else:
+                            backoff_s = min(MAX_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self._failed_starts[index])
+                            restarts[index] = time.monotonic() + backoff_s
                         continue
                     self._start(index, sock, start_version=self._serving_version())
             sentinels = [p.sentinel for p in self._processes if p is not None]

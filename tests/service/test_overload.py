@@ -154,8 +154,8 @@ async def test_loop_lag_measures_how_late_the_event_loop_runs() -> None:
 
 def test_a_429_is_sent_after_the_refusal_pause_without_holding_up_anyone_else() -> None:
     """Clients that retry at once must not turn refusals into the overload: a shed request's 429 comes
-    after `refusal_pause_ms`, a pause that blocks nobody (the event loop serves others meanwhile). A
-    refusal for the client's own deadline, and a 503 (not serving), are no such retry storm: at once."""
+    after `refusal_pause_ms`, a pause that blocks nobody (the event loop serves others meanwhile), and
+    that a short deadline of the client's own does not get around. A 503 (not serving) comes at once."""
     settings = Settings(max_batch_size=4, max_queue_delay_ms=50, refusal_pause_ms=1500)
     with build_client(settings, model=MeanIntensityNet()) as client:
         pipeline = client.app.state.pipeline
@@ -189,7 +189,7 @@ def test_a_429_is_sent_after_the_refusal_pause_without_holding_up_anyone_else() 
         started = time.monotonic()
         own_deadline = client.post("/v1/predict", json={"pixels": [0.5] * 784}, headers={"X-Request-Timeout": "0.2"})
         assert own_deadline.status_code == 429
-        assert time.monotonic() - started < 1.5  # paused at most its own 0.2 s deadline
+        assert time.monotonic() - started >= 1.5  # paused all the same
 
         client.portal.call(client.app.state.lifecycle.batcher.stop)  # not serving: 503
         started = time.monotonic()
