@@ -2,8 +2,9 @@
 
 All three serve the same committed TorchScript model (the newest version, or --model-version) and get the
 same 28x28 PNG of a real MNIST test digit, posted by Debian's wrk over keep-alive connections at each
-concurrency (--concurrency, 10 s per cell by default, after a warm-up). This service also gets JSON pixels
-at 64 clients and one client of 256-image `instances` requests, set against the raw model's images/s at
+concurrency (--concurrency, 10 s per cell by default, after a warm-up). This service also gets the PNG
+with ?preprocess=false (decoded only: the work TorchServe's handler does), JSON pixels at 64 clients
+and one client of 256-image `instances` requests, set against the raw model's images/s at
 batch 64 measured in this process. Each server's whole process tree is sampled for memory while it runs.
 Prints a Markdown table with the ratios and goals (also written to --out) and stops every server it
 started, also on Ctrl-C or an error.
@@ -43,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import install, peers, wrk  # noqa: E402
 from bench.procs import RssSampler, free_port, tree_rss_kib  # noqa: E402
-from bench.report import CAPACITY_CLIENTS, INSTANCES, JSON_PIXELS, PNG, Results, markdown  # noqa: E402
+from bench.report import CAPACITY_CLIENTS, INSTANCES, JSON_PIXELS, PNG, PNG_DECODE_ONLY, Results, markdown  # noqa: E402
 from model_artifact import load_model, resolve_version_dir  # noqa: E402
 from trainer.data import load_mnist  # noqa: E402
 
@@ -126,9 +127,14 @@ class Bench:
         types = {PNG: "image/png", JSON_PIXELS: "application/json", INSTANCES: "application/json"}
         self.scripts = {payload: wrk.write_script(work, path, types[payload]) for payload, path in bodies.items()}
 
-    def cell(self, peer: peers.Peer, url: str, payload: str, clients: int, seconds: float | None = None) -> None:
+    def cell(
+        self, peer: peers.Peer, url: str, payload: str, clients: int, seconds: float | None = None, script: str = ""
+    ) -> None:
+        """One wrk run, recorded under `payload`; `script` names the body's script when another payload's."""
         with RssSampler(peer.process.pid) as sampler:
-            result = wrk.run(url, self.scripts[payload], clients, seconds or self.args.seconds, self.args.wrk_timeout)
+            result = wrk.run(
+                url, self.scripts[script or payload], clients, seconds or self.args.seconds, self.args.wrk_timeout
+            )
         result.peak_rss_kib = sampler.peak_kib
         self.results.cells[(peer.name, payload, clients)] = result
         print(
@@ -151,7 +157,11 @@ class Bench:
         self.results.idle_rss_kib[peer.name] = tree_rss_kib(peer.process.pid)
         for clients in self.args.concurrency:
             self.cell(peer, peer.png_url, PNG, clients)
-        if peer.json_url:
+        if peer.json_url:  # this service
+            decode_only = f"{peer.png_url}?preprocess=false"
+            if peers.predicted_digit(decode_only, png) != label:
+                raise RuntimeError(f"{peer.name} without preprocessing did not answer {label}")
+            self.cell(peer, decode_only, PNG_DECODE_ONLY, CAPACITY_CLIENTS, script=PNG)
             post_json(peer.json_url, self.bodies[JSON_PIXELS])
             self.cell(peer, peer.json_url, JSON_PIXELS, CAPACITY_CLIENTS)
             post_json(peer.json_url, self.bodies[INSTANCES])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.peers import HANDWRITTEN, SERVICE, TORCHSERVE
-from bench.report import INSTANCES, PNG, Goal, Results, goals, markdown
+from bench.report import INSTANCES, PNG, PNG_DECODE_ONLY, Goal, Results, goals, like_for_like, markdown
 from bench.wrk import WrkResult
 
 NO_ERRORS = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
@@ -88,3 +88,16 @@ def test_errors_are_no_throughput() -> None:
     }
     goal = by_name(results)["throughput vs TorchServe"]
     assert goal.met is True and goal.measured.startswith("2.00x"), goal
+
+
+def test_the_same_work_as_torchserves_handler_is_set_against_it() -> None:
+    results = Results(header={})
+    results.cells = {
+        (TORCHSERVE, PNG, 64): cell(4000, 15, 30),
+        (SERVICE, PNG, 64): cell(2800, 22, 90),
+        (SERVICE, PNG_DECODE_ONLY, 64): cell(3400, 18, 80),
+    }
+    line = like_for_like(results)
+    assert "3,400 vs 4,000 2xx/s (0.85x)" in line and "p99 80.0 vs 30.0 ms" in line
+    assert line in markdown(results)
+    assert like_for_like(Results(header={}, cells={(SERVICE, PNG, 64): cell(2800, 22, 90)})) == ""
