@@ -144,7 +144,7 @@ class EdgeMiddleware:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.worker = worker  # which worker process answered, for the access log
-        self._targets = [(route.path_regex, _Target(route, route.get_route_handler())) for route in prediction_routes]
+        self._targets = [_Target(route, route.get_route_handler()) for route in prediction_routes]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -154,8 +154,8 @@ class EdgeMiddleware:
         path = scope["path"]
         target: _Target | None = None
         if scope["method"] == "POST":
-            for pattern, candidate in self._targets:
-                matched = pattern.match(path)
+            for candidate in self._targets:
+                matched = candidate.route.path_regex.match(path)
                 if matched is not None:
                     target = candidate
                     scope["path_params"] = matched.groupdict()

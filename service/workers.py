@@ -93,6 +93,10 @@ def _worker_main(
     raise SystemExit(0 if server.started else 3)
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _listen_socket(host: str, port: int) -> socket.socket:
     """A worker's own socket on the service's port (SO_REUSEPORT: the kernel spreads new connections
     evenly over the workers' sockets). With one socket shared by all, whichever worker happened to be
@@ -100,7 +104,7 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     measured with 64 clients, runs alternated between both workers busy and one doing it all (half the
     throughput). The worker alone holds its socket, so when it stops listening (it died, or it drains)
     new connections go to the others instead of waiting for it."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -115,7 +119,7 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 def _free_port(host: str, port: int) -> int:
     """The port, checked free as a single-process server would find it: one that another service listens
     on (even a second copy of this one, whose sockets would let ours join) is refused. Port 0: a free one."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
         return probe.getsockname()[1]
