@@ -4,22 +4,31 @@ When the process is short of CPU, requests wait before any of our code sees them
 kernel's socket buffers, then in the event loop's ready queue. The batcher's queue cannot
 see that wait, so admission adds this measure of it: a timer that should fire every
 `interval_s` fires late by about as long as a newly arrived request waits to be read.
+
+Like CoDel, it judges by the smallest delay seen lately, not the newest: one late round (a
+hot reload, a garbage collection, a neighbour's burst on a shared core) is not a backlog,
+and refusing requests for it would turn a blip into errors. Only a loop that is late round
+after round, as under a standing overload, counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 
 
 class LoopLag:
-    def __init__(self, interval_s: float = 0.01, slack_s: float = 0.005, smoothing: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 0.01, slack_s: float = 0.005, window: int = 4) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
         self.interval_s = interval_s
         self._slack_s = slack_s  # timers run a little late on any busy loop: that is no backlog
-        self._smoothing = smoothing  # weight of the newest sample
-        self.seconds = 0.0
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self.seconds = 0.0  # the smallest lateness of the last `window` rounds
 
     def observe(self, late_s: float) -> None:
-        self.seconds += self._smoothing * (max(late_s - self._slack_s, 0.0) - self.seconds)
+        self._recent.append(max(late_s - self._slack_s, 0.0))
+        self.seconds = min(self._recent)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
