@@ -6,6 +6,8 @@ import json
 import os
 import sys
 import tempfile
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,9 +34,22 @@ class Peer:
     json_url: str | None = None  # where `{"pixels": ...}` and `{"instances": ...}` go (this service only)
 
 
-def predicted_digit(url: str, png: bytes) -> int:
-    """The digit a server answers for one PNG: a correctness check before any load."""
+def predicted_digit(url: str, png: bytes, attempts: int = 5) -> int:
+    """The digit a server answers for one PNG: a correctness check before any load. Asked right after
+    an overload cell, a server may still be working off its backlog and refuse with 429 or 503: the
+    check then waits as `Retry-After` says, like any well-behaved client, a few times at most."""
     request = urllib.request.Request(url, data=png, headers={"Content-Type": "image/png"})
+    for _ in range(attempts - 1):
+        try:
+            return _digit(request)
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (429, 503):
+                raise
+            time.sleep(min(float(exc.headers.get("Retry-After") or 1), 5.0))
+    return _digit(request)
+
+
+def _digit(request: urllib.request.Request) -> int:
     with urllib.request.urlopen(request, timeout=30) as response:
         return int(json.loads(response.read())["digit"])
 

@@ -294,9 +294,9 @@ class Report:
         return {
             "server_env": self.server_env,
             "phases": {p.name: p.summary() for p in (self.baseline, self.overload, self.recovery)},
-            "rss_after_warmup_kib": self.rss_after_warmup_kib,
-            "peak_rss_during_overload_kib": self.overload.peak_rss_kib,
-            "vmhwm_kib": self.hwm_kib,
+            "tree_rss_after_warmup_kib": self.rss_after_warmup_kib,
+            "tree_peak_rss_during_overload_kib": self.overload.peak_rss_kib,
+            "supervisor_vmhwm_kib": self.hwm_kib,  # the supervisor alone; the two above are process-tree sums
             "demand_at_baseline_latency_per_s": self.demand(),
             "recovery_ratio": {"p50": self.recovery_ratio(50), "p99": self.recovery_ratio(99)},
         }

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, in ms")
     queue_limit: int = Field(2048, ge=1, description="most images waiting; beyond it requests get 429")
     max_queue_delay_ms: float = Field(
-        50.0,
+        75.0,
         gt=0,
         le=60_000,
         description="admit a request only while the work queued ahead of it takes at most this long, in ms; "
