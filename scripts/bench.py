@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 "model": f"{MODEL_NAME} version {version} (TorchScript), the same file for every server",
                 "load": (
                     f"wrk, keep-alive, {args.seconds:g} s per cell after a {args.warmup:g} s warm-up per server, "
-                    f"socket timeout {args.wrk_timeout:g} s; body: MNIST test digit {DIGIT_INDEX} (a {label})"
+                    f"socket timeout {args.wrk_timeout:g} s, "
+                    + (f"wrk at nice {wrk.PRIORITY}" if wrk.priority_raised() else "wrk at the servers' priority")
+                    + f"; body: MNIST test digit {DIGIT_INDEX} (a {label})"
                 ),
                 "servers": (
                     "TorchServe: batch 32, max delay 5 ms, 2 workers x 1 thread, token auth off; "
