@@ -34,24 +34,38 @@ class Peer:
     json_url: str | None = None  # where `{"pixels": ...}` and `{"instances": ...}` go (this service only)
 
 
-def predicted_digit(url: str, png: bytes, attempts: int = 5) -> int:
-    """The digit a server answers for one PNG: a correctness check before any load. Asked right after
-    an overload cell, a server may still be working off its backlog and refuse with 429 or 503: the
-    check then waits as `Retry-After` says, like any well-behaved client, a few times at most."""
-    request = urllib.request.Request(url, data=png, headers={"Content-Type": "image/png"})
+def post(url: str, body: bytes, content_type: str, attempts: int = 5) -> bytes:
+    """POST `body` and return the answer's body. Asked right after an overload cell, a server may still be
+    working off its backlog and refuse with 429 or 503: that is waited out as `Retry-After` says, like any
+    well-behaved client, a few times at most."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     for _ in range(attempts - 1):
         try:
-            return _digit(request)
+            return _read(request)
         except urllib.error.HTTPError as exc:
-            if exc.code not in (429, 503):
-                raise
-            time.sleep(min(float(exc.headers.get("Retry-After") or 1), 5.0))
-    return _digit(request)
+            with exc:
+                if exc.code not in (429, 503):
+                    raise
+                wait_s = _retry_after_s(exc.headers.get("Retry-After"))
+            time.sleep(wait_s)
+    return _read(request)
 
 
-def _digit(request: urllib.request.Request) -> int:
+def _read(request: urllib.request.Request) -> bytes:
     with urllib.request.urlopen(request, timeout=30) as response:
-        return int(json.loads(response.read())["digit"])
+        return response.read()
+
+
+def _retry_after_s(value: str | None) -> float:
+    try:
+        return min(max(float(value or 1), 0.0), 5.0)
+    except ValueError:  # the HTTP-date form
+        return 1.0
+
+
+def predicted_digit(url: str, png: bytes) -> int:
+    """The digit a server answers for one PNG: a correctness check before any load."""
+    return int(json.loads(post(url, png, "image/png"))["digit"])
 
 
 @contextmanager

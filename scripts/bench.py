@@ -115,12 +115,6 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def post_json(url: str, path: Path) -> int:
-    request = urllib.request.Request(url, data=path.read_bytes(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.status
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path, bodies: dict[str, Path], results: Results) -> None:
         self.args, self.work, self.bodies, self.results = args, work, bodies, results
@@ -162,9 +156,9 @@ class Bench:
             if peers.predicted_digit(decode_only, png) != label:
                 raise RuntimeError(f"{peer.name} without preprocessing did not answer {label}")
             self.cell(peer, decode_only, PNG_DECODE_ONLY, CAPACITY_CLIENTS, script=PNG)
-            post_json(peer.json_url, self.bodies[JSON_PIXELS])
+            peers.post(peer.json_url, self.bodies[JSON_PIXELS].read_bytes(), "application/json")
             self.cell(peer, peer.json_url, JSON_PIXELS, CAPACITY_CLIENTS)
-            post_json(peer.json_url, self.bodies[INSTANCES])
+            peers.post(peer.json_url, self.bodies[INSTANCES].read_bytes(), "application/json")
             self.cell(peer, peer.json_url, INSTANCES, 1)
 
     def run(self, label: int, model_dir: Path, version: int) -> None:

@@ -6,9 +6,11 @@ see that wait, so admission adds this measure of it: a timer that should fire ev
 `interval_s` fires late by about as long as a newly arrived request waits to be read.
 
 Like CoDel, it judges by the smallest delay seen lately, not the newest: one late round (a
-hot reload, a garbage collection, a neighbour's burst on a shared core) is not a backlog,
-and refusing requests for it would turn a blip into errors. Only a loop that is late round
-after round, as under a standing overload, counts.
+garbage collection, a neighbour's burst on a shared core, a slow synchronous step) is not
+a backlog, and refusing requests for it would turn a blip into errors. Only a loop that is
+late round after round, as under a standing overload, counts. The window is rounds, not
+time, and the figure is a lower bound of the wait: under load long and short rounds
+alternate, and the smallest is reported.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class LoopLag:
             raise ValueError("window must be >= 1")
         self.interval_s = interval_s
         self._slack_s = slack_s  # timers run a little late on any busy loop: that is no backlog
-        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._recent = collections.deque([0.0] * window, maxlen=window)  # on time until measured otherwise
         self.seconds = 0.0  # the smallest lateness of the last `window` rounds
 
     def observe(self, late_s: float) -> None:
