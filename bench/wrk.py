@@ -110,6 +110,7 @@ def write_script(directory: Path, body_path: Path, content_type: str) -> Path:
 
 
 PRIORITY = -10  # wrk's nice value, where the bench may raise it (root or CAP_SYS_NICE)
+_NICE = ["nice", "-n", str(PRIORITY)]
 
 
 @functools.cache
@@ -119,7 +120,7 @@ def priority_raised() -> bool:
     at the default priority, 318-346 ms raised, with the same server and settings); a client on another
     machine would not. Every peer is measured the same way either way."""
     try:
-        probe = subprocess.run(["nice", "-n", str(PRIORITY), "true"], capture_output=True, text=True, check=False)
+        probe = subprocess.run([*_NICE, "true"], capture_output=True, text=True, check=False)
     except OSError:
         return False
     return probe.returncode == 0 and not probe.stderr
@@ -131,7 +132,7 @@ def run(url: str, script: Path, connections: int, seconds: float, timeout_s: flo
     that is allowed (`priority_raised`)."""
     threads = max(1, min(2, connections))
     command = [
-        *(["nice", "-n", str(PRIORITY)] if priority_raised() else []),
+        *(_NICE if priority_raised() else []),
         "wrk",
         f"-t{threads}",
         f"-c{connections}",
