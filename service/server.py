@@ -5,11 +5,20 @@ requests that still arrive are served as usual. It keeps listening for `shutdown
 so load balancers and probes notice and stop sending, then uvicorn stops accepting, lets
 in-flight requests finish, and the lifespan drains the batcher. A second signal skips the
 delay.
+
+Once start-up is done (model loaded, checked and warmed) the heap is frozen (`gc.freeze`):
+the hundreds of thousands of objects that torch, NumPy and the web stack create at import
+live as long as the process, yet every full garbage collection walked them all again. Under
+load that was a pause of 60-90 ms on the event loop every 2-3 s in each worker, collecting
+nothing, and the tail latency of every request caught in it. Frozen, they are skipped; what
+requests create is still collected as before.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import socket
 import time
 from types import FrameType
 
@@ -37,10 +46,24 @@ class GracefulServer(uvicorn.Server):
         log.info("shutting down: readiness is off; still serving, closing the listener in %.1f s", self._delay_s)
         self._pending = (sig, time.monotonic() + self._delay_s)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            frozen = freeze_startup_heap()
+            log.info("froze %d start-up objects out of garbage collection", frozen)
+
     async def on_tick(self, counter: int) -> bool:
         if self._pending is not None and not self.should_exit and time.monotonic() >= self._pending[1]:
             super().handle_exit(self._pending[0], None)
         return await super().on_tick(counter)
+
+
+def freeze_startup_heap() -> int:
+    """Collect what start-up left behind, then exempt every surviving object from future
+    collections (they are freed by reference counting as ever). Returns how many are frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def build_server(app: FastAPI, settings: Settings) -> GracefulServer:

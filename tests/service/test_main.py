@@ -31,6 +31,7 @@ def test_the_server_starts_on_the_committed_model_and_becomes_ready() -> None:
     assert service.process.returncode in (0, -15), output
     assert '"message": "ready: serving mnist-cnn' in output
     assert '"message": "stopped"' in output
+    assert "start-up objects out of garbage collection" in output  # the heap frozen once ready
     assert '"level": "error"' not in output
     assert "/readyz" not in output  # probes stay out of the access log
     # The access log names each request with its ID.
