@@ -87,7 +87,7 @@ class Batcher:
         max_batch_size: int = 64,
         max_batch_wait_s: float = 0.002,
         queue_limit: int = 2048,
-        max_queue_delay_s: float = 0.5,
+        max_queue_delay_s: float = 0.075,  # the service's default target (DIGIT_MAX_QUEUE_DELAY_MS)
         observer: BatchObserver | None = None,
         on_the_way: Callable[[], int] | None = None,
     ) -> None:

@@ -66,6 +66,56 @@ def test_promtool_accepts_the_prometheus_config_and_its_rules() -> None:
     assert "1 rule files found" in result.stdout + result.stderr
 
 
+def _rejection_alert_fires(tmp_path: Path, v1_per_s: float, v2_per_s: float, rejected_per_s: float) -> bool:
+    """Whether DigitServiceRejectingRequests fires after 15 minutes of this traffic (`promtool test rules`)."""
+    every_minute = {"v1": v1_per_s * 60, "v2": v2_per_s * 60, "rejected": rejected_per_s * 60}
+    series = {
+        'digit_http_requests_total{route="/v1/predict/image", method="POST", status="200"}': every_minute["v1"],
+        'digit_http_requests_total{route="/v2/models/{name}/infer", method="POST", status="200"}': every_minute["v2"],
+        'digit_rejected_requests_total{reason="queue_delay"}': every_minute["rejected"],
+    }
+    rule = next(
+        rule
+        for group in yaml_doc(PROMETHEUS_DIR / "alerts.yml")["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "DigitServiceRejectingRequests"
+    )
+    firing = {"exp_alerts": [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]}
+    for expect_firing in (True, False):
+        test = {
+            "rule_files": [str(PROMETHEUS_DIR / "alerts.yml")],
+            "evaluation_interval": "1m",
+            "tests": [
+                {
+                    "interval": "1m",
+                    "input_series": [{"series": name, "values": f"0+{step:g}x20"} for name, step in series.items()],
+                    "alert_rule_test": [
+                        {
+                            "eval_time": "15m",
+                            "alertname": "DigitServiceRejectingRequests",
+                            **(firing if expect_firing else {}),
+                        }
+                    ],
+                }
+            ],
+        }
+        path = tmp_path / "rejections.test.yml"
+        path.write_text(yaml.safe_dump(test))
+        result = subprocess.run(
+            [_promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        if result.returncode == 0:
+            return expect_firing
+    raise AssertionError(f"promtool could not decide: {result.stdout}{result.stderr}")
+
+
+def test_the_rejection_alert_counts_protocol_v2_predictions_too(tmp_path: Path) -> None:
+    # 0.5 rejections/s among 11 predictions/s (most of them /v2 infer calls) is 4.5 %: no alert.
+    assert not _rejection_alert_fires(tmp_path, v1_per_s=1, v2_per_s=10, rejected_per_s=0.5)
+    # 1.1 of 11/s is 10 %: the alert fires.
+    assert _rejection_alert_fires(tmp_path, v1_per_s=1, v2_per_s=10, rejected_per_s=1.1)
+
+
 def test_promtool_parses_every_dashboard_and_adapter_query(tmp_path: Path) -> None:
     # promtool has no bare query checker; recording rules make it parse each query as PromQL.
     queries = [q.replace("$__rate_interval", "1m") for q in dashboard_queries()] + _adapter_queries()
