@@ -12,6 +12,9 @@ live as long as the process, yet every full garbage collection walked them all a
 load that was a pause of 60-90 ms on the event loop every 2-3 s in each worker, collecting
 nothing, and the tail latency of every request caught in it. Frozen, they are skipped; what
 requests create is still collected as before.
+
+Each listening socket is served through ACCEPTORS descriptors of it, so that a busy event loop
+still takes in a burst of new connections within a few rounds (see ACCEPTORS).
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ from service.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
+# libuv (under uvloop) accepts one connection per listener per round of the event loop. Under load a
+# round takes tens of milliseconds, so a burst of new connections waited in the kernel's accept queue
+# for up to a second and more, their first requests already sent. Each listening socket is served
+# through this many descriptors of it, each accepting one per round (measured at 512 new connections
+# under overload: p99 778 ms with one, 213 ms with 16; keep-alive and connection-per-request
+# throughput no worse).
+ACCEPTORS = 16
+
 
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_delay_s: float) -> None:
@@ -46,7 +57,14 @@ class GracefulServer(uvicorn.Server):
         log.info("shutting down: readiness is off; still serving, closing the listener in %.1f s", self._delay_s)
         self._pending = (sig, time.monotonic() + self._delay_s)
 
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn binds a host and port itself only when given no socket; bind it here instead, so that
+        # the single-process server gets its acceptors too (and fails on a taken port before loading).
+        await super().serve(sockets if sockets is not None else [self.config.bind_socket()])
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is not None:  # closing uvicorn's servers at shutdown closes every descriptor
+            sockets = [*sockets, *(sock.dup() for sock in sockets for _ in range(ACCEPTORS - 1))]
         await super().startup(sockets)
         if self.started and not self.should_exit:
             frozen = freeze_startup_heap()

@@ -58,3 +58,20 @@ def test_invalid_settings_exit_with_a_message() -> None:
     )
     assert result.returncode == 2
     assert "max_batch_size" in result.stderr
+
+
+def test_one_worker_serves_from_the_process_itself_and_refuses_a_taken_port() -> None:
+    with running_service({"DIGIT_WORKERS": "1"}) as service:
+        response = httpx.post(f"{service.base_url}/v1/predict", json={"pixels": [0.0] * 784}, timeout=5)
+        assert response.status_code == 200
+        port = service.base_url.rsplit(":", 1)[1]
+        # A second copy on the same port fails at once, before it loads a model.
+        env = {**os.environ, "DIGIT_WORKERS": "1", "DIGIT_PORT": port}
+        second = subprocess.run(
+            [sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+    assert service.process.returncode in (0, -15), service.output
+    assert service.output.count("start-up objects out of garbage collection") == 1  # one process
+    assert second.returncode == 3
+    assert "Address already in use" in second.stdout + second.stderr
+    assert "warmed up" not in second.stdout + second.stderr
