@@ -59,13 +59,27 @@ class GracefulServer(uvicorn.Server):
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn binds a host and port itself only when given no socket; bind it here instead, so that
-        # the single-process server gets its acceptors too (and fails on a taken port before loading).
+        # the single-process server gets its acceptors too (a port another server listens on fails here).
         await super().serve(sockets if sockets is not None else [self.config.bind_socket()])
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        acceptors: list[socket.socket] = []
         if sockets is not None:  # closing uvicorn's servers at shutdown closes every descriptor
-            sockets = [*sockets, *(sock.dup() for sock in sockets for _ in range(ACCEPTORS - 1))]
-        await super().startup(sockets)
+            acceptors = [sock.dup() for sock in sockets for _ in range(ACCEPTORS - 1)]
+        try:
+            await super().startup(None if sockets is None else [*sockets, *acceptors])
+        finally:
+            if not self.started:  # start-up failed before the servers took the descriptors over
+                for acceptor in acceptors:
+                    acceptor.close()
+        if sockets is not None and not all(_listening(sock) for sock in sockets):
+            # A bound socket listens only now; another server may have taken the port meanwhile, and
+            # uvloop drops that error silently: a worker without a listener must not look ready.
+            log.error(
+                "refusing to start: cannot listen on %s:%s, the port is taken", self.config.host, self.config.port
+            )
+            await self.lifespan.shutdown()
+            raise SystemExit(3)
         if self.started and not self.should_exit:
             frozen = freeze_startup_heap()
             log.info("froze %d start-up objects out of garbage collection", frozen)
@@ -74,6 +88,13 @@ class GracefulServer(uvicorn.Server):
         if self._pending is not None and not self.should_exit and time.monotonic() >= self._pending[1]:
             super().handle_exit(self._pending[0], None)
         return await super().on_tick(counter)
+
+
+def _listening(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:  # closed by the loop after a failed listen()
+        return False
 
 
 def freeze_startup_heap() -> int:

@@ -4,6 +4,7 @@ alerts and the queue-depth autoscaler read is one the running service exports.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -107,6 +108,14 @@ def _rejection_alert_fires(tmp_path: Path, v1_per_s: float, v2_per_s: float, rej
         if result.returncode == 0:
             return expect_firing
     raise AssertionError(f"promtool could not decide: {result.stdout}{result.stderr}")
+
+
+def test_alerts_and_dashboard_count_the_same_prediction_routes() -> None:
+    """A panel and an alert of the same name must not disagree about which requests are predictions."""
+    routes = {
+        match for query in [*alert_queries(), *dashboard_queries()] for match in re.findall(r'route=~"([^"]*)"', query)
+    }
+    assert routes == {"/v1/predict.*|/v2/models/.*/infer"}
 
 
 def test_the_rejection_alert_counts_protocol_v2_predictions_too(tmp_path: Path) -> None:

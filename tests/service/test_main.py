@@ -72,6 +72,7 @@ def test_one_worker_serves_from_the_process_itself_and_refuses_a_taken_port() ->
         )
     assert service.process.returncode in (0, -15), service.output
     assert service.output.count("start-up objects out of garbage collection") == 1  # one process
+    assert "loaded mnist-cnn" in service.output
     assert second.returncode == 3
     assert "Address already in use" in second.stdout + second.stderr
-    assert "warmed up" not in second.stdout + second.stderr
+    assert "loaded mnist-cnn" not in second.stdout + second.stderr

@@ -60,43 +60,105 @@ def test_start_up_freezes_the_heap_so_full_collections_skip_it(unfrozen, caplog)
     assert any("start-up objects out of garbage collection" in r.getMessage() for r in caplog.records)
 
 
-def test_a_burst_of_new_connections_is_taken_in_within_a_few_rounds_of_a_busy_loop() -> None:
+def test_a_burst_of_new_connections_is_taken_in_within_a_few_rounds_of_a_busy_loop(unfrozen) -> None:
     """libuv accepts one connection per listener per round; a busy round lasts long under load."""
-    rounds = [0]
-
-    async def busy_app(scope: dict, receive, send) -> None:
-        if scope["type"] != "lifespan":
-            return
-        message = await receive()  # lifespan.startup
-        busy = asyncio.create_task(_keep_busy(rounds))
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        busy.cancel()
-        await send({"type": "lifespan.shutdown.complete"})
-        assert message["type"] == "lifespan.startup"
-
+    loop_state = _BusyLoop()
     port = free_port()
-    config = uvicorn.Config(busy_app, host="127.0.0.1", port=port, log_config=None, lifespan="on", loop="uvloop")
+    config = uvicorn.Config(
+        loop_state.app, host="127.0.0.1", port=port, log_config=None, lifespan="on", loop="uvloop", interface="asgi3"
+    )
     server = GracefulServer(config, _Lifecycle(), shutdown_delay_s=0)  # type: ignore[arg-type]
     sockets_before = _open_sockets()
     serving = threading.Thread(target=server.run)  # uvicorn's own loop, as in production
     serving.start()
     clients: list[socket.socket] = []
+    burst = 64
     try:
         _wait_for(lambda: server.started)
-        started_at = rounds[0]
-        burst = 64
+        # Hold the loop while the clients connect, so that all of them wait in the accept queue at once.
+        loop_state.hold.set()
+        assert loop_state.held.wait(5)
         clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(burst)]
+        released_at = loop_state.rounds
+        loop_state.release.set()
         _wait_for(lambda: len(server.server_state.connections) >= burst)
-        taken_in = rounds[0] - started_at
+        taken_in = loop_state.rounds - released_at
     finally:
+        loop_state.release.set()
         for client in clients:
             client.close()
         server.should_exit = True
         serving.join(timeout=10)
     # One accept per round would take at least 64 rounds; ACCEPTORS descriptors take 16 per round.
     assert taken_in <= burst // 4, taken_in
-    assert _open_sockets() == sockets_before  # every descriptor of the listener closed
+    assert _open_sockets() - sockets_before == set()  # every descriptor of the listener closed
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_a_port_taken_while_starting_stops_the_server_instead_of_leaving_it_ready_and_deaf(unfrozen) -> None:
+    port = free_port()
+    rival = socket.socket()
+
+    async def app(scope: dict, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            # Another server claims the port while this one is still loading (bound, not yet listening).
+            rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            rival.bind(("127.0.0.1", port))
+            rival.listen()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", loop="uvloop")
+    server = GracefulServer(config, _Lifecycle(), shutdown_delay_s=0)  # type: ignore[arg-type]
+    exit_codes: list[object] = []
+
+    def run() -> None:
+        try:
+            server.run()
+        except SystemExit as stopped:
+            exit_codes.append(stopped.code)
+
+    serving = threading.Thread(target=run)
+    serving.start()
+    serving.join(timeout=10)
+    still_serving = serving.is_alive()
+    if still_serving:  # it started without a listener: stop it so that the test can fail cleanly
+        server.should_exit = True
+        serving.join(timeout=10)
+    rival.close()
+    assert not still_serving, "the server went on without a listener"
+    assert exit_codes == [3]
+    assert gc.get_freeze_count() == 0  # it never counted as started
+
+
+class _BusyLoop:
+    """An app whose lifespan keeps the event loop busy, counting its rounds; `hold` blocks the loop."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.hold, self.held, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    async def app(self, scope: dict, receive, send) -> None:
+        if scope["type"] != "lifespan":
+            return
+        await receive()  # lifespan.startup
+        busy = asyncio.create_task(self._keep_busy())
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        busy.cancel()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _keep_busy(self) -> None:
+        while True:
+            time.sleep(0.001)  # each round of the loop does some work, as under load
+            self.rounds += 1
+            if self.hold.is_set() and not self.held.is_set():
+                self.held.set()
+                self.release.wait(10)
+            await asyncio.sleep(0)
 
 
 def _open_sockets() -> set[str]:
@@ -109,13 +171,6 @@ def _open_sockets() -> set[str]:
         if target.startswith("socket:"):
             found.add(target)
     return found
-
-
-async def _keep_busy(rounds: list[int]) -> None:
-    while True:
-        time.sleep(0.001)  # each round of the loop does some work, as under load
-        rounds[0] += 1
-        await asyncio.sleep(0)
 
 
 def _wait_for(condition, timeout_s: float = 10.0) -> None:
