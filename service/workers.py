@@ -251,11 +251,9 @@ class Supervisor:
                         self._failed_starts[index],
                     )
                     exit_code = 3
-                    stopping_since = time.monotonic()
-                    self.board.shut_down()
-                    self._signal_all(signal.SIGTERM)
+                    stopping_since = self._stop_all()
                     continue
-                backoff_s = min(MAX_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self._failed_starts[index])
+                backoff_s = self._backoff_s(index)
                 log.warning(
                     "worker %d died (exit code %s); starting a new one in %.0f s",
                     index + 1,
@@ -281,12 +279,9 @@ class Supervisor:
                                 MAX_FAILED_STARTS,
                             )
                             exit_code = 3
-                            stopping_since = time.monotonic()
-                            self.board.shut_down()
-                            self._signal_all(signal.SIGTERM)
+                            stopping_since = self._stop_all()
                         else:
-                            backoff_s = min(MAX_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self._failed_starts[index])
-                            restarts[index] = time.monotonic() + backoff_s
+                            restarts[index] = time.monotonic() + self._backoff_s(index)
                         continue
                     self._start(index, sock, start_version=self._serving_version())
             sentinels = [p.sentinel for p in self._processes if p is not None]
@@ -297,6 +292,17 @@ class Supervisor:
                 self._mark_dead(process)
         log.info("all workers stopped")
         return exit_code
+
+    def _backoff_s(self, index: int) -> float:
+        """How long slot `index` waits before its next start: doubling with each failed start in a row."""
+        return min(MAX_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self._failed_starts[index])
+
+    def _stop_all(self) -> float:
+        """Give up: no more starts, every worker told to drain. Returns when the stop began."""
+        stopping_since = time.monotonic()
+        self.board.shut_down()
+        self._signal_all(signal.SIGTERM)
+        return stopping_since
 
     def _signal_all(self, sig: int) -> None:
         # Also called from the signal handler: no waitpid here (is_alive would reap children
