@@ -57,22 +57,19 @@ class GracefulServer(uvicorn.Server):
         log.info("shutting down: readiness is off; still serving, closing the listener in %.1f s", self._delay_s)
         self._pending = (sig, time.monotonic() + self._delay_s)
 
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn binds a host and port itself only when given no socket; bind it here instead, so that
         # the single-process server gets its acceptors too (a port another server listens on fails here).
-        await super().serve(sockets if sockets is not None else [self.config.bind_socket()])
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        acceptors: list[socket.socket] = []
-        if sockets is not None:  # closing uvicorn's servers at shutdown closes every descriptor
-            acceptors = [sock.dup() for sock in sockets for _ in range(ACCEPTORS - 1)]
+        listeners = sockets if sockets is not None else [self.config.bind_socket()]
+        # Closing uvicorn's servers at shutdown closes every descriptor.
+        acceptors = [sock.dup() for sock in listeners for _ in range(ACCEPTORS - 1)]
         try:
-            await super().startup(None if sockets is None else [*sockets, *acceptors])
+            await super().startup([*listeners, *acceptors])
         finally:
             if not self.started:  # start-up failed before the servers took the descriptors over
                 for acceptor in acceptors:
                     acceptor.close()
-        if sockets is not None and not all(_listening(sock) for sock in sockets):
+        if not all(_listening(sock) for sock in listeners):
             # A bound socket listens only now; another server may have taken the port meanwhile, and
             # uvloop drops that error silently: a worker without a listener must not look ready.
             log.error(
