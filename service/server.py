@@ -6,12 +6,12 @@ so load balancers and probes notice and stop sending, then uvicorn stops accepti
 in-flight requests finish, and the lifespan drains the batcher. A second signal skips the
 delay.
 
-Once start-up is done (model loaded, checked and warmed) the heap is frozen (`gc.freeze`):
-the hundreds of thousands of objects that torch, NumPy and the web stack create at import
-live as long as the process, yet every full garbage collection walked them all again. Under
-load that was a pause of 60-90 ms on the event loop every 2-3 s in each worker, collecting
-nothing, and the tail latency of every request caught in it. Frozen, they are skipped; what
-requests create is still collected as before.
+Once the app's start-up is done (model loaded, checked and warmed), and before the sockets
+listen, the heap is frozen (`gc.freeze`): the hundreds of thousands of objects that torch, NumPy
+and the web stack create at import live as long as the process, yet every full garbage
+collection walked them all again. Under load that was a pause of 60-90 ms on the event loop
+every 2-3 s in each worker, collecting nothing, and the tail latency of every request caught in
+it. Frozen, they are skipped; what requests create is still collected as before.
 
 Each listening socket is served through ACCEPTORS descriptors of it, so that a busy event loop
 still takes in a burst of new connections within a few rounds (see ACCEPTORS).
@@ -30,6 +30,7 @@ from fastapi import FastAPI
 
 from service.config import Settings
 from service.lifecycle import Lifecycle
+from service.sockets import bind_listener
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,26 @@ class GracefulServer(uvicorn.Server):
         self._pending = (sig, time.monotonic() + self._delay_s)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn binds a host and port itself only when given no socket; bind it here instead, so that
-        # the single-process server gets its acceptors too (a port another server listens on fails here).
-        listeners = sockets if sockets is not None else [self.config.bind_socket()]
+        # uvicorn runs the app's start-up (the model loaded and warmed) first thing in its startup(), then
+        # listens. The heap is frozen in between: collecting what start-up left takes tens of milliseconds,
+        # which a worker joining live traffic would otherwise spend with new connections already waiting.
+        start_app = self.lifespan.startup
+
+        async def start_app_then_freeze() -> None:
+            await start_app()
+            if not self.lifespan.should_exit and not self.should_exit:
+                frozen = freeze_startup_heap()
+                log.info("froze %d start-up objects out of garbage collection", frozen)
+
+        self.lifespan.startup = start_app_then_freeze  # type: ignore[method-assign]
+        if sockets is None:
+            # Bound before the app starts, so that a port another server listens on fails before the model loads.
+            try:
+                sockets = [bind_listener(self.config.host, self.config.port)]
+            except OSError as exc:
+                log.error("refusing to start: cannot bind %s:%s: %s", self.config.host, self.config.port, exc)
+                raise SystemExit(3) from None
+        listeners = sockets
         # Closing uvicorn's servers at shutdown closes every descriptor.
         acceptors = [sock.dup() for sock in listeners for _ in range(ACCEPTORS - 1)]
         try:
@@ -77,9 +95,9 @@ class GracefulServer(uvicorn.Server):
             )
             await self.lifespan.shutdown()
             raise SystemExit(3)
-        if self.started and not self.should_exit:
-            frozen = freeze_startup_heap()
-            log.info("froze %d start-up objects out of garbage collection", frozen)
+        if self.started:
+            host = self.config.host
+            log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, self.config.port)
 
     async def on_tick(self, counter: int) -> bool:
         if self._pending is not None and not self.should_exit and time.monotonic() >= self._pending[1]:

@@ -39,6 +39,7 @@ from pathlib import Path
 from service.board import WorkerBoard, WorkerState
 from service.config import Settings
 from service.metrics import MULTIPROCESS_ENV
+from service.sockets import bind_listener, free_port
 
 log = logging.getLogger(__name__)
 
@@ -93,38 +94,6 @@ def _worker_main(
     raise SystemExit(0 if server.started else 3)
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _listen_socket(host: str, port: int) -> socket.socket:
-    """A worker's own socket on the service's port (SO_REUSEPORT: the kernel spreads new connections
-    evenly over the workers' sockets). With one socket shared by all, whichever worker happened to be
-    idle when a client connected took its connection, and keep-alive clients stayed where they landed:
-    measured with 64 clients, runs alternated between both workers busy and one doing it all (half the
-    throughput). The worker alone holds its socket, so when it stops listening (it died, or it drains)
-    new connections go to the others instead of waiting for it."""
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
-def _free_port(host: str, port: int) -> int:
-    """The port, checked free as a single-process server would find it: one that another service listens
-    on (even a second copy of this one, whose sockets would let ours join) is refused. Port 0: a free one."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
-        return probe.getsockname()[1]
-
-
 class Supervisor:
     def __init__(self, settings: Settings, workers: int) -> None:
         self.settings = settings
@@ -148,9 +117,9 @@ class Supervisor:
         try:
             sockets: list[socket.socket] = []
             try:
-                self._port = _free_port(self.settings.host, self.settings.port)
+                self._port = free_port(self.settings.host, self.settings.port)
                 for _ in range(self.workers):
-                    sockets.append(_listen_socket(self.settings.host, self._port))
+                    sockets.append(bind_listener(self.settings.host, self._port, shared=True))
             except OSError as exc:
                 for sock in sockets:
                     sock.close()
@@ -266,7 +235,7 @@ class Supervisor:
                 if stopping_since is None and time.monotonic() >= when:
                     del restarts[index]
                     try:
-                        sock = _listen_socket(self.settings.host, self._port)
+                        sock = bind_listener(self.settings.host, self._port, shared=True)
                     except OSError as exc:  # the port's other listeners changed under us: a failed start
                         self._failed_starts[index] += 1
                         log.error(

@@ -73,6 +73,10 @@ def test_one_worker_serves_from_the_process_itself_and_refuses_a_taken_port() ->
     assert service.process.returncode in (0, -15), service.output
     assert service.output.count("start-up objects out of garbage collection") == 1  # one process
     assert "loaded mnist-cnn" in service.output
+    # It says where it listens once it does: after the model is ready, not before it loads.
+    assert "Uvicorn running on" not in service.output
+    ready = service.output.index("ready: serving mnist-cnn")
+    assert service.output.index(f"listening on http://127.0.0.1:{port}") > ready
     assert second.returncode == 3
     assert "Address already in use" in second.stdout + second.stderr
     assert "loaded mnist-cnn" not in second.stdout + second.stderr
