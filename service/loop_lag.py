@@ -17,20 +17,33 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 
 
 class LoopLag:
-    def __init__(self, interval_s: float = 0.01, slack_s: float = 0.005, window: int = 4) -> None:
+    def __init__(
+        self,
+        interval_s: float = 0.01,
+        slack_s: float = 0.005,
+        window: int = 4,
+        report: Callable[[float], None] | None = None,
+    ) -> None:
+        """`report(seconds)` is called whenever the figure changes (the service sets a gauge)."""
         if window < 1:
             raise ValueError("window must be >= 1")
         self.interval_s = interval_s
         self._slack_s = slack_s  # timers run a little late on any busy loop: that is no backlog
         self._recent = collections.deque([0.0] * window, maxlen=window)  # on time until measured otherwise
         self.seconds = 0.0  # the smallest lateness of the last `window` rounds
+        self._report = report
 
     def observe(self, late_s: float) -> None:
         self._recent.append(max(late_s - self._slack_s, 0.0))
-        self.seconds = min(self._recent)
+        seconds = min(self._recent)
+        if seconds != self.seconds:
+            self.seconds = seconds
+            if self._report is not None:
+                self._report(seconds)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

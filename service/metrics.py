@@ -59,6 +59,13 @@ class Metrics:
         self.queue_depth_images = Gauge(
             f"{PREFIX}_queue_depth", "images waiting for a batch", multiprocess_mode="livesum", registry=r
         )
+        self.event_loop_lag = Gauge(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "how late the event loop runs (the most of any worker): how long new requests wait before the "
+            "service reads them; it counts toward the queue-delay target",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.rejections = Counter(
             f"{PREFIX}_rejected_requests", "requests refused before inference, by reason", ["reason"], registry=r
         )

@@ -80,7 +80,7 @@ class Pipeline:
         # memory that many large uploads at once could take.
         self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
         self._decoding = 0  # requests between a read body and their submission to the batcher
-        self.loop_lag = LoopLag()  # measured by a task the app's lifespan runs
+        self.loop_lag = LoopLag(report=metrics.event_loop_lag.set)  # measured by a task the app's lifespan runs
 
     @property
     def on_the_way(self) -> int:

@@ -146,6 +146,7 @@ def test_dashboard_shows_what_operators_need() -> None:
         "histogram_quantile(0.99, sum by (le) (rate(digit_http_request_duration_seconds_bucket",  # p99
         "digit_batch_size_",
         "digit_queue_depth",
+        "digit_event_loop_lag_seconds",
         "digit_rejected_requests_total",
         "sum by (digit) (rate(digit_predictions_total",
     ):

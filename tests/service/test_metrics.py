@@ -1,6 +1,11 @@
+import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.pipeline import Pipeline
 from tests.helpers import ExplodingNet
 from tests.service.conftest import build_client
 
@@ -72,3 +77,17 @@ def test_each_app_has_its_own_registry() -> None:
     with build_client() as first, build_client() as second:
         first.post("/v1/predict", json={"pixels": [0.3] * 784})
         assert value(scrape(second)["digit_predictions"], "digit_predictions_total", digit="3") == 0
+
+
+def test_the_event_loop_lag_is_a_gauge_operators_can_watch(client: TestClient) -> None:
+    """The wait before the service reads a request (CPU overload) counts toward admission; it is shown too."""
+    assert "digit_event_loop_lag_seconds" in scrape(client)  # the app's own pipeline reports it
+    metrics = Metrics(CollectorRegistry())
+    pipeline = Pipeline(Batcher(), metrics, request_timeout_s=1.0)  # its lag is not measured by a task here
+    try:
+        for _ in range(4):  # late round after round, as under a standing overload
+            pipeline.loop_lag.observe(0.055)
+    finally:
+        pipeline.close()
+    assert pipeline.loop_lag.seconds == pytest.approx(0.05)  # what admission counts: lateness beyond the slack
+    assert metrics.registry.get_sample_value("digit_event_loop_lag_seconds") == pytest.approx(0.05)
