@@ -233,6 +233,6 @@ async def _start(
         await asyncio.to_thread(predictor.warm_up, settings.max_batch_size)
     if predictor.device.type == "cuda":
         batcher.let_in_rounds = 0  # the GPU's pass overlaps the event loop: holding the next one back idles it
-    await batcher.start()
+    await batcher.start(expected_rate=predictor.full_batch_rate)
     models.install(predictor)
     log.info("ready: serving %s v%s on %s", predictor.name, predictor.version, predictor.device)

@@ -117,6 +117,7 @@ class Batcher:
         # queue's delay is judged at this rate; a rate measured on the small batches of a quiet
         # period would under-rate the model and refuse work it could easily do.
         self._busy_rate = 0.0
+        self._timed = self._timed_busy = False  # whether any pass (any busy one) has been timed yet
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -133,9 +134,14 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._queued_images
 
-    async def start(self) -> None:
+    async def start(self, expected_rate: float = 0.0) -> None:
+        """`expected_rate`: the model's images/s at full batches, as measured when it was warmed up. The
+        queue is judged at it until real batches have been timed; without it, a fresh worker admits all
+        that arrives before its first pass ends (a replacement joining a flood queued hundreds at once)."""
         if self._task is not None:
             raise RuntimeError("batcher already started")
+        # Provisional: warm-up ran on an idle machine, and the first timed pass replaces it outright.
+        self._busy_rate = self._recent_rate = max(expected_rate, 0.0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task = asyncio.create_task(self._run(), name="batcher")
         self._task.add_done_callback(self._collector_done)
@@ -373,9 +379,11 @@ class Batcher:
         self._running = []
         elapsed = time.monotonic() - started
         rate = size / max(elapsed, 1e-6)
-        self._recent_rate = rate if self._recent_rate <= 0 else 0.8 * self._recent_rate + 0.2 * rate
+        self._recent_rate = _smoothed(self._recent_rate, rate, first=not self._timed)
+        self._timed = True
         if 2 * size >= self.max_batch_size:
-            self._busy_rate = rate if self._busy_rate <= 0 else 0.8 * self._busy_rate + 0.2 * rate
+            self._busy_rate = _smoothed(self._busy_rate, rate, first=not self._timed_busy)
+            self._timed_busy = True
         if self._observer is not None:
             self._observer.batch_done(size, elapsed)
         offset = 0
@@ -429,3 +437,8 @@ class Batcher:
     def _report_rejected(self, reason: str) -> None:
         if self._observer is not None:
             self._observer.rejected(reason)
+
+
+def _smoothed(average: float, sample: float, *, first: bool) -> float:
+    """A rate averaged over recent passes; the first timed pass replaces whatever was assumed before it."""
+    return sample if first else 0.8 * average + 0.2 * sample

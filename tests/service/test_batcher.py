@@ -82,9 +82,9 @@ class Observer:
         self.errors += 1
 
 
-async def started(**options) -> Batcher:
+async def started(expected_rate: float = 0.0, **options) -> Batcher:
     batcher = Batcher(**options)
-    await batcher.start()
+    await batcher.start(expected_rate)
     return batcher
 
 
@@ -350,6 +350,41 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_at_once() -> No
     model.gate.set()
     await within(asyncio.gather(*backlog))
     assert digits(await within(batcher.submit(images(0.4), model, 0.2))) == [4]  # an empty queue admits it again
+    await batcher.stop()
+
+
+async def test_a_fresh_batcher_judges_its_queue_at_the_warm_up_rate_before_any_pass_is_timed() -> None:
+    """A replacement worker joining a flood must not admit everything until its first pass ends."""
+    model = GatedModel()
+    model.gate.clear()
+    observer = Observer()
+    batcher = await started(
+        expected_rate=20.0,  # images/s, as if measured at warm-up
+        max_batch_size=1,
+        max_batch_wait_s=0.0,
+        max_queue_delay_s=0.05,
+        observer=observer,
+        on_the_way=lambda: 0,
+    )
+    running = asyncio.create_task(batcher.submit(images(0.1), model, 5))
+    await model.running()  # the first pass has not ended: nothing is measured yet
+    queued = asyncio.create_task(batcher.submit(images(0.2, 0.2), model, 5))  # 100 ms of work at 20/s
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded, match=r"requests wait 100 ms \(target 50 ms\)"):
+        await batcher.submit(images(0.3), model, 5)
+    assert observer.rejections == ["queue_delay"]
+    model.gate.set()
+    await within(asyncio.gather(running, queued))
+    await batcher.stop()
+
+
+async def test_the_first_timed_pass_replaces_the_warm_up_rate_outright() -> None:
+    """Warm-up runs on an idle machine; under load the model is slower. Averaged with the warm-up's figure,
+    the measured rate would take dozens of passes to show, and the queue would be judged short meanwhile."""
+    model = GatedModel(delay_s=0.05)  # at most 20 images/s at batch 1
+    batcher = await started(expected_rate=10_000.0, max_batch_size=1, max_batch_wait_s=0.0, on_the_way=lambda: 0)
+    await within(batcher.submit(images(0.1), model, 5))
+    assert batcher.expected_wait_s(1) >= 0.04  # about 1/20 s; blended with 10,000/s it would be near 0
     await batcher.stop()
 
 

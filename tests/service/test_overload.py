@@ -119,6 +119,15 @@ def test_a_refused_request_is_answered_before_routing_auth_or_its_body() -> None
     assert 'digit_http_requests_total{method="POST",route="/v1/predict",status="429"} 1.0' in metrics
 
 
+def test_a_worker_knows_its_model_speed_from_the_warm_up_before_the_first_request() -> None:
+    """Admission judges the queue at the model's rate: measured at warm-up, not zero until traffic times it."""
+    with build_client(Settings(max_batch_size=8), model=MeanIntensityNet()) as client:
+        predictor = client.app.state.models.model
+        batcher = client.app.state.lifecycle.batcher
+        assert predictor.full_batch_rate > 0
+        assert batcher.expected_wait_s(64) == pytest.approx(64 / predictor.full_batch_rate)
+
+
 def test_a_lagging_event_loop_counts_as_wait_and_refusals_keep_their_headers() -> None:
     """Under CPU overload requests wait in socket buffers and the event loop's queue before the batcher
     sees them: admission adds the loop's lag to the queued work, so an idle queue still sheds then."""
