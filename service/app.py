@@ -88,6 +88,7 @@ def create_app(
     batcher.on_the_way = lambda: pipeline.on_the_way
 
     def installed(model: Predictor) -> None:
+        batcher.expect_rate(model.full_batch_rate)  # until its own passes are timed
         metrics.serving(model.name, model.version)
         lifecycle.publish()  # at once: an admin reload waits for every worker's version
 
@@ -233,6 +234,6 @@ async def _start(
         await asyncio.to_thread(predictor.warm_up, settings.max_batch_size)
     if predictor.device.type == "cuda":
         batcher.let_in_rounds = 0  # the GPU's pass overlaps the event loop: holding the next one back idles it
-    await batcher.start(expected_rate=predictor.full_batch_rate)
+    await batcher.start()
     models.install(predictor)
     log.info("ready: serving %s v%s on %s", predictor.name, predictor.version, predictor.device)

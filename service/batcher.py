@@ -111,13 +111,15 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._running: list[_Piece] = []  # the batch on the worker thread right now
-        self._recent_rate = 0.0  # images per second, smoothed; for Retry-After
+        self._recent_rate = 0.0  # images per second, smoothed; for deadlines and Retry-After
         self.failure: BaseException | None = None  # why the collector died, if it did
         # Images/s of recent batches at least half full: what the model does when it is busy. The
         # queue's delay is judged at this rate; a rate measured on the small batches of a quiet
         # period would under-rate the model and refuse work it could easily do.
         self._busy_rate = 0.0
-        self._timed = self._timed_busy = False  # whether any pass (any busy one) has been timed yet
+        # Whether a pass (a busy one) has been timed since the rates were last unknown or assumed
+        # (expect_rate); the first timed pass sets them outright.
+        self._timed = self._timed_busy = False
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -134,14 +136,9 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._queued_images
 
-    async def start(self, expected_rate: float = 0.0) -> None:
-        """`expected_rate`: the model's images/s at full batches, as measured when it was warmed up. The
-        queue is judged at it until real batches have been timed; without it, a fresh worker admits all
-        that arrives before its first pass ends (a replacement joining a flood queued hundreds at once)."""
+    async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("batcher already started")
-        # Provisional: warm-up ran on an idle machine, and the first timed pass replaces it outright.
-        self._busy_rate = self._recent_rate = max(expected_rate, 0.0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task = asyncio.create_task(self._run(), name="batcher")
         self._task.add_done_callback(self._collector_done)
@@ -240,13 +237,22 @@ class Batcher:
             self._withdraw(request)  # the client went away; its images leave the queue
             raise
 
+    def expect_rate(self, images_per_s: float) -> None:
+        """Judge the queue at `images_per_s` (a model's rate at full batches, measured when it was warmed
+        up) until a pass is timed. Without it a fresh worker admits everything that arrives before its
+        first pass ends, and after a reload the old model's speed would judge the new one's queue. Warm-up
+        times the model alone, without the event loop's work beside it, so the first timed pass replaces
+        the figure outright rather than being averaged with it."""
+        self._busy_rate = self._recent_rate = max(images_per_s, 0.0)
+        self._timed = self._timed_busy = False
+
     def queue_delay_s(self) -> float:
         """How long the images queued now take to get through the model, at its busy throughput."""
         rate = max(self._busy_rate, self._recent_rate)
         return self._queued_images / rate if rate > 0 else 0.0
 
     def expected_wait_s(self, extra_images: int = 0) -> float:
-        """How long new images would wait at the recent throughput; 0 before anything has run."""
+        """How long new images would wait at the recent throughput; 0 while no rate is known."""
         if self._recent_rate <= 0:
             return 0.0
         return (self._queued_images + extra_images) / self._recent_rate
@@ -379,11 +385,14 @@ class Batcher:
         self._running = []
         elapsed = time.monotonic() - started
         rate = size / max(elapsed, 1e-6)
-        self._recent_rate = _smoothed(self._recent_rate, rate, first=not self._timed)
+        first = not self._timed
+        self._recent_rate = _smoothed(self._recent_rate, rate, first=first)
         self._timed = True
         if 2 * size >= self.max_batch_size:
             self._busy_rate = _smoothed(self._busy_rate, rate, first=not self._timed_busy)
             self._timed_busy = True
+        elif first and not self._timed_busy:
+            self._busy_rate = 0.0  # the assumed figure goes with the first timed pass, busy or not
         if self._observer is not None:
             self._observer.batch_done(size, elapsed)
         offset = 0

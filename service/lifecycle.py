@@ -1,7 +1,8 @@
 """Liveness and readiness, from what the service really is doing.
 
-Ready: a verified, warmed model is installed, the batcher runs, and no shutdown has begun, in
-this worker and in every other worker of the service (they share a `WorkerBoard`). Draining
+Ready: a verified, warmed model is installed, the batcher runs, the socket listens, and no
+shutdown has begun, in this worker and in every other worker of the service (they share a
+`WorkerBoard`). Draining
 (after SIGTERM) turns readiness off at once so load balancers stop sending, while requests that
 still arrive are served until the listener closes. Live: the process can make progress; a
 batcher whose collector died cannot, so liveness fails and the orchestrator restarts the
@@ -25,6 +26,9 @@ class Lifecycle:
     board: WorkerBoard = field(default_factory=lambda: WorkerBoard(1))
     index: int = 0  # this worker's slot on the board
     draining: bool = False  # a shutdown has begun
+    # The worker's socket takes connections. The server clears this until its socket listens (after the
+    # model is ready and the heap frozen); an app under a test client has no socket to wait for.
+    listening: bool = True
 
     def own_readiness(self) -> str | None:
         if self.draining or self.board.shutting_down:
@@ -33,6 +37,8 @@ class Lifecycle:
             return "the model is not loaded yet"
         if not self.batcher.running:
             return "the batcher is not running"
+        if not self.listening:
+            return "the socket is not listening yet"
         return None
 
     def own_liveness(self) -> str | None:

@@ -61,8 +61,8 @@ class Metrics:
         )
         self.event_loop_lag = Gauge(
             f"{PREFIX}_event_loop_lag_seconds",
-            "how late the event loop runs (the most of any worker): how long new requests wait before the "
-            "service reads them; it counts toward the queue-delay target",
+            "how late the event loop runs now (the most of any worker; the least of its last rounds, so one "
+            "stall does not show): how long new requests wait before the service reads them; admission counts it",
             multiprocess_mode="livemax",
             registry=r,
         )

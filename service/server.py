@@ -47,6 +47,7 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_delay_s: float) -> None:
         super().__init__(config)
         self._lifecycle = lifecycle
+        lifecycle.listening = False  # ready only once the socket listens (see startup)
         self._delay_s = shutdown_delay_s
         self._pending: tuple[int, float] | None = None  # (signal, when to start the real exit)
 
@@ -76,28 +77,33 @@ class GracefulServer(uvicorn.Server):
             try:
                 sockets = [bind_listener(self.config.host, self.config.port)]
             except OSError as exc:
-                log.error("refusing to start: cannot bind %s:%s: %s", self.config.host, self.config.port, exc)
+                log.error("refusing to start: cannot bind %s: %s", self._address(), exc)
                 raise SystemExit(3) from None
-        listeners = sockets
+        listeners = sockets  # this process's alone (a worker's own socket, or bound just now)
         # Closing uvicorn's servers at shutdown closes every descriptor.
         acceptors = [sock.dup() for sock in listeners for _ in range(ACCEPTORS - 1)]
         try:
             await super().startup([*listeners, *acceptors])
         finally:
             if not self.started:  # start-up failed before the servers took the descriptors over
-                for acceptor in acceptors:
-                    acceptor.close()
+                for sock in [*listeners, *acceptors]:
+                    sock.close()
         if not all(_listening(sock) for sock in listeners):
             # A bound socket listens only now; another server may have taken the port meanwhile, and
             # uvloop drops that error silently: a worker without a listener must not look ready.
-            log.error(
-                "refusing to start: cannot listen on %s:%s, the port is taken", self.config.host, self.config.port
-            )
+            log.error("refusing to start: cannot listen on %s, the port is taken", self._address())
+            for server in self.servers:
+                server.close()
             await self.lifespan.shutdown()
             raise SystemExit(3)
-        if self.started:
-            host = self.config.host
-            log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, self.config.port)
+        if self.started and not self.should_exit:
+            self._lifecycle.listening = True
+            self._lifecycle.publish()  # at once: the other workers' probes read the board
+            log.info("listening on http://%s", self._address())
+
+    def _address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
 
     async def on_tick(self, counter: int) -> bool:
         if self._pending is not None and not self.should_exit and time.monotonic() >= self._pending[1]:

@@ -283,7 +283,7 @@ class Supervisor:
 
     @staticmethod
     def _mark_dead(process: BaseProcess) -> None:
-        """Drop a dead worker's live gauges (in flight, queue depth, model) from /metrics."""
+        """Drop a dead worker's live gauges (in flight, queue depth, event-loop lag, model) from /metrics."""
         from prometheus_client import multiprocess
 
         if process.pid is not None:

@@ -137,8 +137,14 @@ def test_promtool_parses_every_dashboard_and_adapter_query(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys)), f"a key given twice (Grafana keeps the last): {keys}"
+    return dict(pairs)
+
+
 def test_dashboard_shows_what_operators_need() -> None:
-    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     queries = "\n".join(dashboard_queries())
     for needed in (
         "rate(digit_http_requests_total",  # request rate

@@ -84,7 +84,9 @@ class Observer:
 
 async def started(expected_rate: float = 0.0, **options) -> Batcher:
     batcher = Batcher(**options)
-    await batcher.start(expected_rate)
+    await batcher.start()
+    if expected_rate:
+        batcher.expect_rate(expected_rate)  # as the app does when a model is installed
     return batcher
 
 
@@ -379,12 +381,34 @@ async def test_a_fresh_batcher_judges_its_queue_at_the_warm_up_rate_before_any_p
 
 
 async def test_the_first_timed_pass_replaces_the_warm_up_rate_outright() -> None:
-    """Warm-up runs on an idle machine; under load the model is slower. Averaged with the warm-up's figure,
-    the measured rate would take dozens of passes to show, and the queue would be judged short meanwhile."""
+    """Warm-up times the model alone; beside the event loop's work it is slower. Averaged with the warm-up's
+    figure, or kept as the busy rate until a half-full pass, the measured rate would take long to show, and
+    the queue would be judged short meanwhile. Here the first pass is a lone image of a batch of 64."""
     model = GatedModel(delay_s=0.05)  # at most 20 images/s at batch 1
-    batcher = await started(expected_rate=10_000.0, max_batch_size=1, max_batch_wait_s=0.0, on_the_way=lambda: 0)
+    batcher = await started(
+        expected_rate=10_000.0, max_batch_size=64, max_batch_wait_s=0.0, max_queue_delay_s=0.05, on_the_way=lambda: 0
+    )
     await within(batcher.submit(images(0.1), model, 5))
     assert batcher.expected_wait_s(1) >= 0.04  # about 1/20 s; blended with 10,000/s it would be near 0
+    model.gate.clear()
+    running = asyncio.create_task(batcher.submit(images(0.2), model, 5))
+    await model.running()
+    queued = asyncio.create_task(batcher.submit(images(0.3, 0.3), model, 5))  # about 100 ms at the measured rate
+    await asyncio.sleep(0.01)
+    assert batcher.queue_delay_s() > 0.05  # judged at what was measured, not at the warm-up's 10,000/s
+    with pytest.raises(Overloaded, match="requests wait"):
+        await batcher.submit(images(0.4), model, 5)
+    model.gate.set()
+    await within(asyncio.gather(running, queued))
+    await batcher.stop()
+
+
+async def test_a_new_model_is_judged_at_its_own_warm_up_rate_not_the_old_ones_measured_rate() -> None:
+    model = GatedModel()
+    batcher = await started(max_batch_size=1, max_batch_wait_s=0.0, max_queue_delay_s=0.05, on_the_way=lambda: 0)
+    await within(batcher.submit(images(0.1), model, 5))  # a fast model: thousands of images/s measured
+    batcher.expect_rate(20.0)  # a reload installs a model that warmed up at 20 images/s
+    assert batcher.expected_wait_s(2) == pytest.approx(0.1)
     await batcher.stop()
 
 

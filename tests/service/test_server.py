@@ -17,7 +17,15 @@ from tests.service.live import free_port
 
 
 class _Lifecycle:
-    draining = False
+    """What the server reads and sets of the app's lifecycle; records what it publishes."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.listening = True
+        self.published: list[bool] = []  # `listening` at each publish
+
+    def publish(self) -> None:
+        self.published.append(self.listening)
 
 
 async def _app(scope: dict, receive, send) -> None:
@@ -67,11 +75,13 @@ def test_the_heap_is_frozen_after_the_app_is_ready_and_before_the_port_takes_con
     port = free_port()
     app_ready: list[bool] = []
     seen: list[tuple[bool, bool]] = []  # at the freeze: (app started, port taking connections)
+    lifecycle = _Lifecycle()
 
     async def app(scope: dict, receive, send) -> None:
         if scope["type"] == "lifespan":
             await receive()
             await asyncio.sleep(0.05)  # loading
+            assert not lifecycle.listening  # so the worker does not report ready yet
             app_ready.append(True)
             await send({"type": "lifespan.startup.complete"})
             await receive()
@@ -88,7 +98,7 @@ def test_the_heap_is_frozen_after_the_app_is_ready_and_before_the_port_takes_con
 
     monkeypatch.setattr(server_module, "freeze_startup_heap", recording_freeze)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", loop="uvloop")
-    server = GracefulServer(config, _Lifecycle(), shutdown_delay_s=0)  # type: ignore[arg-type]
+    server = GracefulServer(config, lifecycle, shutdown_delay_s=0)  # type: ignore[arg-type]
     serving = threading.Thread(target=server.run)
     serving.start()
     try:
@@ -98,6 +108,7 @@ def test_the_heap_is_frozen_after_the_app_is_ready_and_before_the_port_takes_con
         server.should_exit = True
         serving.join(timeout=10)
     assert seen == [(True, False)]
+    assert lifecycle.published == [True]  # ready once it listens, and said so at once
 
 
 def test_a_burst_of_new_connections_is_taken_in_within_a_few_rounds_of_a_busy_loop(unfrozen) -> None:
