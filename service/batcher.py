@@ -238,11 +238,14 @@ class Batcher:
             raise
 
     def expect_rate(self, images_per_s: float) -> None:
-        """Judge the queue at `images_per_s` (a model's rate at full batches, measured when it was warmed
-        up) until a pass is timed. Without it a fresh worker admits everything that arrives before its
-        first pass ends, and after a reload the old model's speed would judge the new one's queue. Warm-up
-        times the model alone, without the event loop's work beside it, so the first timed pass replaces
-        the figure outright rather than being averaged with it."""
+        """Assume `images_per_s` (a model's rate at full batches, measured when it was warmed up) until
+        passes are timed: as the busy rate until a busy pass (at least half full) is timed, as the recent
+        rate until any pass is. Without it a fresh worker admits everything that arrives before its first
+        pass ends, and after a reload the old model's speed would judge the new one's queue. Warm-up times
+        the model alone, without the event loop's work beside it, so the first timed pass replaces the
+        figure outright rather than being averaged with it. Small passes do not replace the busy figure:
+        one slow pass at low load (the first on a fresh thread, say) would otherwise have the queue of a
+        quiet service judged at a few images/s, and refuse its next requests."""
         self._busy_rate = self._recent_rate = max(images_per_s, 0.0)
         self._timed = self._timed_busy = False
 
@@ -385,14 +388,11 @@ class Batcher:
         self._running = []
         elapsed = time.monotonic() - started
         rate = size / max(elapsed, 1e-6)
-        first = not self._timed
-        self._recent_rate = _smoothed(self._recent_rate, rate, first=first)
+        self._recent_rate = _smoothed(self._recent_rate, rate, first=not self._timed)
         self._timed = True
         if 2 * size >= self.max_batch_size:
             self._busy_rate = _smoothed(self._busy_rate, rate, first=not self._timed_busy)
             self._timed_busy = True
-        elif first and not self._timed_busy:
-            self._busy_rate = 0.0  # the assumed figure goes with the first timed pass, busy or not
         if self._observer is not None:
             self._observer.batch_done(size, elapsed)
         offset = 0

@@ -380,15 +380,14 @@ async def test_a_fresh_batcher_judges_its_queue_at_the_warm_up_rate_before_any_p
     await batcher.stop()
 
 
-async def test_the_first_timed_pass_replaces_the_warm_up_rate_outright() -> None:
+async def test_the_first_timed_busy_pass_replaces_the_warm_up_rate_outright() -> None:
     """Warm-up times the model alone; beside the event loop's work it is slower. Averaged with the warm-up's
-    figure, or kept as the busy rate until a half-full pass, the measured rate would take long to show, and
-    the queue would be judged short meanwhile. Here the first pass is a lone image of a batch of 64."""
+    figure, the measured rate would take dozens of passes to show, and the queue would be judged short."""
     model = GatedModel(delay_s=0.05)  # at most 20 images/s at batch 1
     batcher = await started(
-        expected_rate=10_000.0, max_batch_size=64, max_batch_wait_s=0.0, max_queue_delay_s=0.05, on_the_way=lambda: 0
+        expected_rate=10_000.0, max_batch_size=1, max_batch_wait_s=0.0, max_queue_delay_s=0.05, on_the_way=lambda: 0
     )
-    await within(batcher.submit(images(0.1), model, 5))
+    await within(batcher.submit(images(0.1), model, 5))  # a full pass: busy
     assert batcher.expected_wait_s(1) >= 0.04  # about 1/20 s; blended with 10,000/s it would be near 0
     model.gate.clear()
     running = asyncio.create_task(batcher.submit(images(0.2), model, 5))
@@ -400,6 +399,26 @@ async def test_the_first_timed_pass_replaces_the_warm_up_rate_outright() -> None
         await batcher.submit(images(0.4), model, 5)
     model.gate.set()
     await within(asyncio.gather(running, queued))
+    await batcher.stop()
+
+
+async def test_one_slow_small_pass_does_not_have_a_quiet_service_refuse_requests() -> None:
+    """A lone request's pass that happens to be slow (the first on a fresh thread, a neighbour's burst) says
+    little about the model's throughput; the warm-up's figure stands until a busy pass is timed."""
+    model = GatedModel(delay_s=0.1)  # this pass: 10 images/s
+    batcher = await started(
+        expected_rate=10_000.0, max_batch_size=64, max_batch_wait_s=0.0, max_queue_delay_s=0.05, on_the_way=lambda: 0
+    )
+    await within(batcher.submit(images(0.1), model, 5))  # 1 image of 64: not a busy pass
+    model.delay_s = 0.0
+    model.gate.clear()
+    running = asyncio.create_task(batcher.submit(images(0.2), model, 5))
+    await model.running()
+    queued = [asyncio.create_task(batcher.submit(images(0.3), model, 5)) for _ in range(7)]  # 8 clients' worth
+    await asyncio.sleep(0.01)
+    batcher.admit(1, 5)  # at 10 images/s, 7 queued would be 700 ms: refused; at the warm-up's rate, nothing
+    model.gate.set()
+    await within(asyncio.gather(running, *queued))
     await batcher.stop()
 
 
