@@ -88,7 +88,7 @@ def create_app(
     batcher.on_the_way = lambda: pipeline.on_the_way
 
     def installed(model: Predictor) -> None:
-        batcher.expect_rate(model.full_batch_rate)  # until its own passes are timed
+        batcher.expect_rate(model.full_batch_rate, model)  # until its own passes are timed
         metrics.serving(model.name, model.version)
         lifecycle.publish()  # at once: an admin reload waits for every worker's version
 

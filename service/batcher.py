@@ -120,6 +120,7 @@ class Batcher:
         # Whether a pass (a busy one) has been timed since the rates were last unknown or assumed
         # (expect_rate); the first timed pass sets them outright.
         self._timed = self._timed_busy = False
+        self._rated_model: InferFn | None = None  # whose passes are timed; None: every model's
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ class Batcher:
             self._withdraw(request)  # the client went away; its images leave the queue
             raise
 
-    def expect_rate(self, images_per_s: float) -> None:
+    def expect_rate(self, images_per_s: float, model: InferFn | None = None) -> None:
         """Assume `images_per_s` (a model's rate at full batches, measured when it was warmed up) until
         passes are timed: as the busy rate until a busy pass (at least half full) is timed, as the recent
         rate until any pass is. Without it a fresh worker admits everything that arrives before its first
@@ -245,20 +246,26 @@ class Batcher:
         the model alone, without the event loop's work beside it, so the first timed pass replaces the
         figure outright rather than being averaged with it. Small passes do not replace the busy figure:
         one slow pass at low load (the first on a fresh thread, say) would otherwise have the queue of a
-        quiet service judged at a few images/s, and refuse its next requests."""
+        quiet service judged at a few images/s, and refuse its next requests. Given the `model`, only its
+        passes are timed from now on: after a reload, the old model's last passes say nothing of the new."""
         self._busy_rate = self._recent_rate = max(images_per_s, 0.0)
         self._timed = self._timed_busy = False
+        self._rated_model = model
 
     def queue_delay_s(self) -> float:
         """How long the images queued now take to get through the model, at its busy throughput."""
-        rate = max(self._busy_rate, self._recent_rate)
-        return self._queued_images / rate if rate > 0 else 0.0
+        return self.expected_wait_s()
 
     def expected_wait_s(self, extra_images: int = 0) -> float:
-        """How long new images would wait at the recent throughput; 0 while no rate is known."""
-        if self._recent_rate <= 0:
-            return 0.0
-        return (self._queued_images + extra_images) / self._recent_rate
+        """How long new images would wait behind the queue; 0 while no rate is known."""
+        rate = self._rate()
+        return (self._queued_images + extra_images) / rate if rate > 0 else 0.0
+
+    def _rate(self) -> float:
+        """Images/s to judge the queue by: the busy rate, unless recent passes were faster still. The
+        recent rate alone would let one slow small pass (the first on a fresh thread) refuse a quiet
+        worker's requests for missing deadlines they would easily meet."""
+        return max(self._busy_rate, self._recent_rate)
 
     def _collector_done(self, task: asyncio.Task[None]) -> None:
         """If the collector ever dies, fail its callers now rather than at their timeouts."""
@@ -387,12 +394,13 @@ class Batcher:
         # (On cancellation by stop(), _running stays set so that stop() can fail those callers.)
         self._running = []
         elapsed = time.monotonic() - started
-        rate = size / max(elapsed, 1e-6)
-        self._recent_rate = _smoothed(self._recent_rate, rate, first=not self._timed)
-        self._timed = True
-        if 2 * size >= self.max_batch_size:
-            self._busy_rate = _smoothed(self._busy_rate, rate, first=not self._timed_busy)
-            self._timed_busy = True
+        if self._rated_model is None or model is self._rated_model:
+            rate = size / max(elapsed, 1e-6)
+            self._recent_rate = _smoothed(self._recent_rate, rate, first=not self._timed)
+            self._timed = True
+            if 2 * size >= self.max_batch_size:
+                self._busy_rate = _smoothed(self._busy_rate, rate, first=not self._timed_busy)
+                self._timed_busy = True
         if self._observer is not None:
             self._observer.batch_done(size, elapsed)
         offset = 0
@@ -435,9 +443,7 @@ class Batcher:
     # --- reporting -------------------------------------------------------------------------
 
     def _retry_after_s(self) -> int:
-        if self._recent_rate <= 0:
-            return 1
-        return max(1, math.ceil(self._queued_images / self._recent_rate))
+        return max(1, math.ceil(self.expected_wait_s()))
 
     def _report_depth(self) -> None:
         if self._observer is not None:

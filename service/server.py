@@ -30,7 +30,7 @@ from fastapi import FastAPI
 
 from service.config import Settings
 from service.lifecycle import Lifecycle
-from service.sockets import bind_listener
+from service.sockets import address, bind_listener
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ class GracefulServer(uvicorn.Server):
             log.info("listening on http://%s", self._address())
 
     def _address(self) -> str:
-        host = self.config.host
-        return f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
+        return address(self.config.host, self.config.port)
 
     async def on_tick(self, counter: int) -> bool:
         if self._pending is not None and not self.should_exit and time.monotonic() >= self._pending[1]:

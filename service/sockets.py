@@ -31,6 +31,11 @@ def bind_listener(host: str, port: int, *, shared: bool = False) -> socket.socke
     return sock
 
 
+def address(host: str, port: int) -> str:
+    """host:port as a person reads it (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def free_port(host: str, port: int) -> int:
     """The port, checked free as a single-process server would find it: one that another service listens
     on (even a second copy of this one, whose sockets would let ours join) is refused. Port 0: a free one."""

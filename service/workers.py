@@ -39,7 +39,7 @@ from pathlib import Path
 from service.board import WorkerBoard, WorkerState
 from service.config import Settings
 from service.metrics import MULTIPROCESS_ENV
-from service.sockets import bind_listener, free_port
+from service.sockets import address, bind_listener, free_port
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,9 @@ class Supervisor:
             except OSError as exc:
                 for sock in sockets:
                     sock.close()
-                log.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc)
+                log.error("cannot listen on %s: %s", address(self.settings.host, self.settings.port), exc)
                 return 3
-            log.info("starting %d workers on %s:%d", self.workers, self.settings.host, self._port)
+            log.info("starting %d workers on %s", self.workers, address(self.settings.host, self._port))
             for index, sock in enumerate(sockets):
                 self._start(index, sock)
             return self._supervise()
@@ -239,7 +239,10 @@ class Supervisor:
                     except OSError as exc:  # the port's other listeners changed under us: a failed start
                         self._failed_starts[index] += 1
                         log.error(
-                            "cannot listen on %s:%d for worker %d: %s", self.settings.host, self._port, index + 1, exc
+                            "cannot listen on %s for worker %d: %s",
+                            address(self.settings.host, self._port),
+                            index + 1,
+                            exc,
                         )
                         if self._failed_starts[index] >= MAX_FAILED_STARTS:
                             log.error(

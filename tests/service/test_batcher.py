@@ -416,18 +416,26 @@ async def test_one_slow_small_pass_does_not_have_a_quiet_service_refuse_requests
     await model.running()
     queued = [asyncio.create_task(batcher.submit(images(0.3), model, 5)) for _ in range(7)]  # 8 clients' worth
     await asyncio.sleep(0.01)
-    batcher.admit(1, 5)  # at 10 images/s, 7 queued would be 700 ms: refused; at the warm-up's rate, nothing
+    # At 10 images/s the 7 queued would be 700 ms: refused for the queue delay, and for a 0.5 s deadline.
+    batcher.admit(1, 0.5)
     model.gate.set()
     await within(asyncio.gather(running, *queued))
     await batcher.stop()
 
 
-async def test_a_new_model_is_judged_at_its_own_warm_up_rate_not_the_old_ones_measured_rate() -> None:
-    model = GatedModel()
+async def test_a_new_model_is_judged_at_its_own_warm_up_rate_not_by_the_old_ones_passes() -> None:
+    old, new = GatedModel(), GatedModel()
     batcher = await started(max_batch_size=1, max_batch_wait_s=0.0, max_queue_delay_s=0.05, on_the_way=lambda: 0)
-    await within(batcher.submit(images(0.1), model, 5))  # a fast model: thousands of images/s measured
-    batcher.expect_rate(20.0)  # a reload installs a model that warmed up at 20 images/s
+    await within(batcher.submit(images(0.1), old, 5))  # a fast model: thousands of images/s measured
+    old.gate.clear()
+    in_flight = asyncio.create_task(batcher.submit(images(0.2), old, 5))
+    await old.running()
+    batcher.expect_rate(20.0, new)  # a reload installs a model that warmed up at 20 images/s
+    old.gate.set()
+    await within(in_flight)  # the old model's last pass ends after the switch: it says nothing of the new one
     assert batcher.expected_wait_s(2) == pytest.approx(0.1)
+    await within(batcher.submit(images(0.3), new, 5))  # the new model's own first pass replaces the figure
+    assert batcher.expected_wait_s(2) < 0.05
     await batcher.stop()
 
 

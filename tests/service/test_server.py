@@ -163,7 +163,8 @@ def test_a_port_taken_while_starting_stops_the_server_instead_of_leaving_it_read
             await send({"type": "lifespan.shutdown.complete"})
 
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", loop="uvloop")
-    server = GracefulServer(config, _Lifecycle(), shutdown_delay_s=0)  # type: ignore[arg-type]
+    lifecycle = _Lifecycle()
+    server = GracefulServer(config, lifecycle, shutdown_delay_s=0)  # type: ignore[arg-type]
     exit_codes: list[object] = []
 
     def run() -> None:
@@ -182,6 +183,7 @@ def test_a_port_taken_while_starting_stops_the_server_instead_of_leaving_it_read
     rival.close()
     assert not still_serving, "the server went on without a listener"
     assert exit_codes == [3]
+    assert lifecycle.published == [] and not lifecycle.listening  # never reported ready
 
 
 class _BusyLoop:
