@@ -111,7 +111,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._running: list[_Piece] = []  # the batch on the worker thread right now
-        self._recent_rate = 0.0  # images per second, smoothed; for deadlines and Retry-After
+        self._recent_rate = 0.0  # images per second over passes of any size, smoothed (see _rate)
         self.failure: BaseException | None = None  # why the collector died, if it did
         # Images/s of recent batches at least half full: what the model does when it is busy. The
         # queue's delay is judged at this rate; a rate measured on the small batches of a quiet

@@ -2,9 +2,8 @@
 
 Ready: a verified, warmed model is installed, the batcher runs, the socket listens, and no
 shutdown has begun, in this worker and in every other worker of the service (they share a
-`WorkerBoard`). Draining
-(after SIGTERM) turns readiness off at once so load balancers stop sending, while requests that
-still arrive are served until the listener closes. Live: the process can make progress; a
+`WorkerBoard`). Draining (after SIGTERM) turns readiness off at once so load balancers stop
+sending, while requests that still arrive are served until the listener closes. Live: the process can make progress; a
 batcher whose collector died cannot, so liveness fails and the orchestrator restarts the
 service instead of leaving it up but never ready again. A worker that fails or hangs fails
 liveness for the whole service the same way.
